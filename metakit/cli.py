@@ -14,7 +14,9 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="metakit", description="Higher-order-gradient meta-learning toolkit.")
+    parser = argparse.ArgumentParser(
+        prog="metakit", description="Higher-order-gradient meta-learning toolkit."
+    )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (module_name, help_text) in SUBCOMMANDS.items():
         sub = commands.add_parser(name, help=help_text, description=help_text)

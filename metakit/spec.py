@@ -167,7 +167,9 @@ class _ModuleType(Spec):
 
     def __init__(self, types: tuple[type, ...]):
         if not types:
-            raise ValueError("module_type() needs at least one nn.Module subclass, e.g. module_type(nn.LayerNorm).")
+            raise ValueError(
+                "module_type() needs at least one nn.Module subclass, e.g. module_type(nn.LayerNorm)."
+            )
         for t in types:
             if not (isinstance(t, type) and issubclass(t, nn.Module)):
                 raise TypeError(
@@ -239,7 +241,11 @@ class _Complement(Spec):
         return not self.inner.matches(name, param, module)
 
     def __repr__(self):
-        return f"~{self._repr_child(self.inner)}" if self.inner._precedence > self._precedence else f"~({self.inner!r})"
+        return (
+            f"~{self._repr_child(self.inner)}"
+            if self.inner._precedence > self._precedence
+            else f"~({self.inner!r})"
+        )
 
 
 # -- constructors -------------------------------------------------------------------------------

@@ -31,7 +31,9 @@ class SineTasks:
 
     def __post_init__(self) -> None:
         if self.k_shot < 1 or self.k_query < 1:
-            raise ValueError(f"SineTasks needs k_shot >= 1 and k_query >= 1, got {self.k_shot}, {self.k_query}.")
+            raise ValueError(
+                f"SineTasks needs k_shot >= 1 and k_query >= 1, got {self.k_shot}, {self.k_query}."
+            )
         self._generator = torch.Generator().manual_seed(self.seed)
 
     def _uniform(self, low: float, high: float, *shape: int) -> torch.Tensor:
@@ -45,7 +47,9 @@ class SineTasks:
             phase = self._uniform(*self.phase, 1)
             x = self._uniform(*self.x_range, self.k_shot + self.k_query, 1)
             y = amplitude * torch.sin(x - phase)
-            tasks.append(Task(support=(x[: self.k_shot], y[: self.k_shot]), query=(x[self.k_shot :], y[self.k_shot :])))
+            tasks.append(
+                Task(support=(x[: self.k_shot], y[: self.k_shot]), query=(x[self.k_shot :], y[self.k_shot :]))
+            )
         return tasks
 
 

@@ -1,0 +1,279 @@
+"""MetaLearner: a model, a loss, an inner loop, the outer parameters and a strategy, composed."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from metakit.inner import InnerLoop
+from metakit.spec import Spec, require_nonempty
+from metakit.strategies import Strategy, TaskGradient, TaskProblem
+from metakit.task import LossFn, Task
+
+__all__ = ["MetaLearner", "MetaStepResult"]
+
+InnerOnly = Literal["keep", "first_task"]
+
+
+@dataclass
+class MetaStepResult:
+    """What one meta-step measured.
+
+    Attributes:
+        loss: mean query loss over the tasks (detached scalar).
+        inner_losses: support loss before each inner step and after the last, ``[n_tasks, steps + 1]``.
+        query_losses: each task's query loss, ``[n_tasks]``.
+        grad_norms: L2 norm of the meta-gradient per group: ``"shared"`` (inner ∩ outer),
+            ``"outer_only"``, ``"inner_lr"`` (MetaSGD scales), and ``"total"``.
+    """
+
+    loss: torch.Tensor
+    inner_losses: torch.Tensor
+    query_losses: torch.Tensor
+    grad_norms: dict[str, float] = field(default_factory=dict)
+
+
+class MetaLearner:
+    """Meta-learning as a composition: ``meta_step(tasks)`` fills ``.grad`` like ``backward()``.
+
+    Args:
+        model: the module; never mutated inside the inner loop.
+        loss_fn: ``loss_fn(forward, batch) -> scalar``; ``None`` if every task carries its own.
+        inner: the :class:`InnerLoop` (which parameters adapt, with what optimizer, how many steps).
+        outer_params: the :class:`Spec` of meta-learned parameters (those whose ``.grad`` is filled).
+        strategy: how the meta-gradient flows (:class:`SecondOrder`, :class:`FirstOrder`, ...).
+        inner_only: after a meta-step, what the parameters in ``inner - outer`` hold: ``"keep"`` their
+            value, or ``"first_task"`` the first task's adapted value (Algorithm 1's task head).
+        logger: optional logger with ``log_meta_step(step, result, learner)`` (e.g.
+            :class:`metakit.logging.TensorBoardLogger`).
+
+    Only parameters with ``requires_grad=True`` are candidates for either set, so parameters frozen
+    the usual PyTorch way stay frozen. Parameters in neither set are untouched and get no ``.grad``.
+
+    Example:
+        >>> learner = mk.MetaLearner(model, mk.tasks.mse_loss,
+        ...     inner=mk.InnerLoop(mk.everything(), torchopt.sgd(lr=0.01), steps=1),
+        ...     outer_params=mk.everything(), strategy=mk.SecondOrder())  # doctest: +SKIP
+        >>> result = learner.meta_step(tasks); opt.step(); opt.zero_grad()  # doctest: +SKIP
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        loss_fn: LossFn | None,
+        *,
+        inner: InnerLoop,
+        outer_params: Spec,
+        strategy: Strategy,
+        inner_only: InnerOnly = "keep",
+        logger: Any = None,
+    ):
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"MetaLearner expects an nn.Module, got {type(model).__name__}.")
+        if not isinstance(inner, InnerLoop):
+            raise TypeError(
+                f"MetaLearner(inner=...) expects a metakit.InnerLoop, got {type(inner).__name__}."
+            )
+        if not isinstance(outer_params, Spec):
+            raise TypeError(
+                f"MetaLearner(outer_params=...) expects a metakit Spec, got {type(outer_params).__name__}."
+            )
+        if not isinstance(strategy, Strategy):
+            raise TypeError(
+                f"MetaLearner(strategy=...) expects a metakit Strategy such as mk.SecondOrder(), got {strategy!r}."
+            )
+        if inner_only not in ("keep", "first_task"):
+            raise ValueError(f"inner_only must be 'keep' or 'first_task', got {inner_only!r}.")
+        self.model, self.loss_fn, self.inner, self.strategy = model, loss_fn, inner, strategy
+        self.outer_spec, self.inner_only, self.logger = outer_params, inner_only, logger
+
+        trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+        inner_names = [n for n in require_nonempty(inner.params, model, "inner") if n in trainable]
+        outer_names = [n for n in require_nonempty(outer_params, model, "outer") if n in trainable]
+        for role, names, spec in (("inner", inner_names, inner.params), ("outer", outer_names, outer_params)):
+            if not names:
+                raise ValueError(
+                    f"The {role} spec {spec!r} matches only parameters with requires_grad=False; "
+                    "unfreeze them or choose other parameters."
+                )
+        inner_set, outer_set = set(inner_names), set(outer_names)
+        self.shared_names = [n for n in inner_names if n in outer_set]
+        self.inner_only_names = [n for n in inner_names if n not in outer_set]
+        self.outer_only_names = [n for n in outer_names if n not in inner_set]
+        if self.outer_only_names and not strategy.supports_outer_only:
+            raise ValueError(
+                f"{strategy!r} needs every outer parameter to be adapted in the inner loop (outer ⊆ inner), "
+                f"but {len(self.outer_only_names)} are outer only, e.g. {self.outer_only_names[:3]}. "
+                "Add them to the inner spec, remove them from outer_params, or use another strategy."
+            )
+        self.lr_scales = nn.ParameterDict()
+        if inner.learn_lr:
+            if not strategy.supports_learned_lr:
+                raise ValueError(
+                    f"InnerLoop(learn_lr=True) learns inner learning rates through the inner steps, but "
+                    f"{strategy!r} does not differentiate through them; use SecondOrder() or Truncated(k)."
+                )
+            params = dict(model.named_parameters())
+            for name in inner_names:
+                self.lr_scales[_scale_key(name)] = nn.Parameter(torch.ones_like(params[name]))
+        self._lr_names = {_scale_key(name): name for name in inner_names} if inner.learn_lr else {}
+        self.step = 0
+
+    def __repr__(self) -> str:
+        return (
+            f"MetaLearner({type(self.model).__name__}, inner={self.inner!r}, outer_params={self.outer_spec!r}, "
+            f"strategy={self.strategy!r}, inner_only={self.inner_only!r})"
+        )
+
+    # -- public API -------------------------------------------------------------------------------
+    def outer_parameters(self) -> list[nn.Parameter]:
+        """The tensors to hand to the outer optimizer (outer parameters, then MetaSGD scales)."""
+        params = dict(self.model.named_parameters())
+        outer = [params[n] for n in self.shared_names + self.outer_only_names]
+        return outer + list(self.lr_scales.values())
+
+    def inner_lrs(self) -> dict[str, torch.Tensor]:
+        """MetaSGD: the learned per-element scale of each inner parameter's update (empty otherwise)."""
+        return {self._lr_names[key]: scale.detach() for key, scale in self.lr_scales.items()}
+
+    def meta_step(self, tasks: Sequence[Task], logger: Any = None) -> MetaStepResult:
+        """Adapt to each task, then accumulate the mean meta-gradient into the outer ``.grad``.
+
+        Args:
+            tasks: the meta-batch, a non-empty sequence of :class:`Task`.
+            logger: overrides the learner's logger for this step.
+        """
+        tasks = self._check_tasks(tasks)
+        params = dict(self.model.named_parameters())
+        groups = self._groups(params)
+        lr_scales = {self._lr_names[k]: v for k, v in self.lr_scales.items()} or None
+        total: dict[str, torch.Tensor] = {}
+        total_lr: dict[str, torch.Tensor] = {}
+        outcomes: list[TaskGradient] = []
+        for index, task in enumerate(tasks):
+            problem = TaskProblem(
+                self.model, self._loss_for(task, index), self.inner, task, index, *groups, lr_scales=lr_scales
+            )
+            outcome = self.strategy.task_gradient(problem)
+            _accumulate(total, outcome.grads, len(tasks))
+            _accumulate(total_lr, outcome.lr_grads, len(tasks))
+            outcome.grads = outcome.lr_grads = {}
+            outcomes.append(outcome)
+
+        self._write_grads(params, total, total_lr)
+        if self.inner_only == "first_task" and self.inner_only_names:
+            with torch.no_grad():
+                for name in self.inner_only_names:
+                    params[name].copy_(outcomes[0].adapted[name])
+        query_losses = torch.stack([o.query_loss for o in outcomes])
+        result = MetaStepResult(
+            loss=query_losses.mean(),
+            inner_losses=torch.stack([o.inner_losses for o in outcomes]),
+            query_losses=query_losses,
+            grad_norms=self._grad_norms(total, total_lr),
+        )
+        logger = logger if logger is not None else self.logger
+        if logger is not None:
+            logger.log_meta_step(self.step, result, self)
+        self.step += 1
+        return result
+
+    def adapt(self, task_or_batch: Task | Any) -> dict[str, torch.Tensor]:
+        """Adapt to a task's support batch (or to a batch) and return the adapted inner params.
+
+        The result is a detached ``{name: tensor}`` dict of the inner parameters; run the adapted
+        model with ``metakit.bind(model, learner.adapt(task))(...)``.
+        """
+        batch = task_or_batch.support if isinstance(task_or_batch, Task) else task_or_batch
+        task = task_or_batch if isinstance(task_or_batch, Task) else Task(batch, None)
+        params = dict(self.model.named_parameters())
+        shared, inner_only, outer_only, frozen = self._groups(params)
+        lr_scales = {self._lr_names[k]: v.detach() for k, v in self.lr_scales.items()} or None
+        adapted = self.inner.run(
+            self.model,
+            self._loss_for(task, 0),
+            batch,
+            {**shared, **inner_only},
+            {**outer_only, **frozen},
+            differentiable_steps=0,
+            lr_scales=lr_scales,
+        )
+        return {name: value.detach() for name, value in adapted.params.items()}
+
+    # -- internals --------------------------------------------------------------------------------
+    def _groups(self, params: dict[str, torch.Tensor]) -> tuple[dict, dict, dict, dict]:
+        named = set(self.shared_names) | set(self.inner_only_names) | set(self.outer_only_names)
+        return (
+            {n: params[n] for n in self.shared_names},
+            {n: params[n] for n in self.inner_only_names},
+            {n: params[n] for n in self.outer_only_names},
+            {n: p.detach() for n, p in params.items() if n not in named},
+        )
+
+    def _check_tasks(self, tasks: Sequence[Task]) -> list[Task]:
+        if isinstance(tasks, Task):
+            tasks = [tasks]
+        tasks = list(tasks)
+        if not tasks:
+            raise ValueError("meta_step() needs at least one Task.")
+        for index, task in enumerate(tasks):
+            if not isinstance(task, Task):
+                raise TypeError(
+                    f"meta_step() expects metakit.Task objects; item {index} is {type(task).__name__}. "
+                    "Wrap batches as mk.Task(support=..., query=...)."
+                )
+        return tasks
+
+    def _loss_for(self, task: Task, index: int) -> LossFn:
+        loss_fn = task.loss_fn if task.loss_fn is not None else self.loss_fn
+        if loss_fn is None:
+            raise ValueError(
+                f"Task {index} has no loss_fn and the learner was built with loss_fn=None; tasks of "
+                "different kinds must each carry their own: mk.Task(support, query, loss_fn=...)."
+            )
+        return loss_fn
+
+    def _write_grads(self, params, total, total_lr) -> None:
+        for name, grad in total.items():
+            _add_grad(params[name], grad)
+        for name, grad in total_lr.items():
+            _add_grad(self.lr_scales[_scale_key(name)], grad)
+
+    def _grad_norms(self, total, total_lr) -> dict[str, float]:
+        groups = {
+            "shared": [total[n] for n in self.shared_names if n in total],
+            "outer_only": [total[n] for n in self.outer_only_names if n in total],
+            "inner_lr": list(total_lr.values()),
+        }
+        norms = {name: _norm(tensors) for name, tensors in groups.items() if tensors}
+        norms["total"] = _norm([g for tensors in groups.values() for g in tensors])
+        return norms
+
+
+def _accumulate(total: dict[str, torch.Tensor], grads: Mapping[str, torch.Tensor], n_tasks: int) -> None:
+    for name, grad in grads.items():
+        grad = grad.detach() / n_tasks
+        total[name] = total[name] + grad if name in total else grad
+
+
+def _add_grad(param: torch.Tensor, grad: torch.Tensor) -> None:
+    grad = grad.to(param.dtype)
+    if param.grad is None:
+        param.grad = grad.clone()
+    else:
+        param.grad.add_(grad)
+
+
+def _norm(tensors: list[torch.Tensor]) -> float:
+    if not tensors:
+        return 0.0
+    return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(t) for t in tensors])))
+
+
+def _scale_key(name: str) -> str:
+    # ParameterDict keys cannot contain dots.
+    return name.replace(".", "-")
