@@ -24,14 +24,14 @@ from torch import nn
 
 __all__ = [
     "Spec",
-    "select",
-    "regex",
-    "module_type",
-    "everything",
-    "nothing",
     "combine",
+    "everything",
     "explain",
+    "module_type",
+    "nothing",
+    "regex",
     "require_nonempty",
+    "select",
 ]
 
 

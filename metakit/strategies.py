@@ -228,7 +228,11 @@ class Implicit(Strategy):
         trace: list[torch.Tensor] = []
 
         def support_loss(phi, outer_only):
-            params = {**frozen, **dict(zip(outer_only_names, outer_only)), **dict(zip(inner_names, phi))}
+            params = {
+                **frozen,
+                **dict(zip(outer_only_names, outer_only, strict=True)),
+                **dict(zip(inner_names, phi, strict=True)),
+            }
             return loss_fn(bind(model, params), support)
 
         def optimality(phi, theta, outer_only):
@@ -244,13 +248,13 @@ class Implicit(Strategy):
         def solve(phi, theta, outer_only):
             # custom_root runs this inside autograd.Function.forward, where grad mode is off.
             with torch.enable_grad():
-                anchors = {name: t.detach() for name, t in zip(inner_names, theta)}
+                anchors = {name: t.detach() for name, t in zip(inner_names, theta, strict=True)}
                 adapted = problem.inner.run(
                     model,
                     loss_fn,
                     support,
-                    dict(zip(inner_names, phi)),
-                    {**frozen, **{n: t.detach() for n, t in zip(outer_only_names, outer_only)}},
+                    dict(zip(inner_names, phi, strict=True)),
+                    {**frozen, **{n: t.detach() for n, t in zip(outer_only_names, outer_only, strict=True)}},
                     differentiable_steps=0,
                     task_index=problem.index,
                     regularizer=lambda params: _proximal(params, anchors, lam),
@@ -262,7 +266,7 @@ class Implicit(Strategy):
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=r".*functorch\.vjp.*deprecated", category=FutureWarning)
             phi_star = solve(tuple(t.detach() for t in theta), theta, tuple(problem.outer_only.values()))
-            adapted = dict(zip(inner_names, phi_star))
+            adapted = dict(zip(inner_names, phi_star, strict=True))
             query_loss = problem.query_loss(adapted)
             grads = _grad(query_loss, {**problem.shared, **problem.outer_only})
         return TaskGradient(query_loss.detach(), trace[0], grads, {}, _detached(adapted))
