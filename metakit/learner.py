@@ -193,15 +193,16 @@ class MetaLearner:
         params = dict(self.model.named_parameters())
         shared, inner_only, outer_only, frozen = self._groups(params)
         lr_scales = {self._lr_names[k]: v.detach() for k, v in self.lr_scales.items()} or None
-        adapted = self.inner.run(
-            self.model,
-            self._loss_for(task, 0),
-            batch,
-            {**shared, **inner_only},
-            {**outer_only, **frozen},
-            differentiable_steps=0,
-            lr_scales=lr_scales,
-        )
+        with torch.enable_grad():  # inner gradients are needed even when evaluating under no_grad()
+            adapted = self.inner.run(
+                self.model,
+                self._loss_for(task, 0),
+                batch,
+                {**shared, **inner_only},
+                {**outer_only, **frozen},
+                differentiable_steps=0,
+                lr_scales=lr_scales,
+            )
         return {name: value.detach() for name, value in adapted.params.items()}
 
     # -- internals --------------------------------------------------------------------------------

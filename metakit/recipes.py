@@ -1,0 +1,182 @@
+"""Recipes: named configurations of the same parts. Each returns a :class:`MetaLearner`, nothing more.
+
+Example:
+    >>> from metakit import recipes
+    >>> learner = recipes.priming(model, loss_fn, pe=adapter, head=head)  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torchopt
+from torch import nn
+from torchopt.base import GradientTransformation
+
+from metakit.inner import InnerLoop
+from metakit.learner import MetaLearner
+from metakit.spec import Spec, everything
+from metakit.strategies import FirstOrder, Implicit, Reptile, SecondOrder, Strategy
+from metakit.task import LossFn
+
+__all__ = ["anil", "fomaml", "imaml", "maml", "maml_loop_priming", "meta_adapters", "priming", "reptile"]
+
+
+def _inner(
+    spec: Spec, inner_lr: float, steps: int, optimizer: GradientTransformation | None, **kw
+) -> InnerLoop:
+    return InnerLoop(spec, optimizer if optimizer is not None else torchopt.sgd(lr=inner_lr), steps, **kw)
+
+
+def maml(
+    model: nn.Module,
+    loss_fn: LossFn,
+    *,
+    inner_lr: float = 0.01,
+    steps: int = 1,
+    params: Spec | None = None,
+    strategy: Strategy | None = None,
+    optimizer: GradientTransformation | None = None,
+    learn_lr: bool = False,
+    logger: Any = None,
+) -> MetaLearner:
+    """MAML (Finn et al., 2017): every parameter (or ``params``) adapts and is meta-learned, exactly.
+
+    ``learn_lr=True`` gives Meta-SGD (learned per-element inner rates).
+    """
+    spec = params if params is not None else everything()
+    return MetaLearner(
+        model,
+        loss_fn,
+        inner=_inner(spec, inner_lr, steps, optimizer, learn_lr=learn_lr),
+        outer_params=spec,
+        strategy=strategy if strategy is not None else SecondOrder(),
+        logger=logger,
+    )
+
+
+def fomaml(model: nn.Module, loss_fn: LossFn, **kwargs: Any) -> MetaLearner:
+    """First-order MAML: :func:`maml` with :class:`FirstOrder` meta-gradients."""
+    return maml(model, loss_fn, strategy=FirstOrder(), **kwargs)
+
+
+def reptile(model: nn.Module, loss_fn: LossFn, **kwargs: Any) -> MetaLearner:
+    """Reptile (Nichol et al., 2018): :func:`maml`'s partition, meta-gradient ``θ − φ``."""
+    return maml(model, loss_fn, strategy=Reptile(), **kwargs)
+
+
+def imaml(
+    model: nn.Module, loss_fn: LossFn, *, lam: float = 1.0, cg_steps: int = 10, **kwargs: Any
+) -> MetaLearner:
+    """iMAML (Rajeswaran et al., 2019): :func:`maml`'s partition with the implicit meta-gradient."""
+    return maml(model, loss_fn, strategy=Implicit(lam=lam, cg_steps=cg_steps), **kwargs)
+
+
+def anil(
+    model: nn.Module,
+    loss_fn: LossFn,
+    *,
+    head: Spec,
+    inner_lr: float = 0.01,
+    steps: int = 1,
+    strategy: Strategy | None = None,
+    optimizer: GradientTransformation | None = None,
+    logger: Any = None,
+) -> MetaLearner:
+    """ANIL (Raghu et al., 2020): only the head adapts; everything is meta-learned."""
+    return MetaLearner(
+        model,
+        loss_fn,
+        inner=_inner(head, inner_lr, steps, optimizer),
+        outer_params=everything(),
+        strategy=strategy if strategy is not None else SecondOrder(),
+        logger=logger,
+    )
+
+
+def priming(
+    model: nn.Module,
+    loss_fn: LossFn | None,
+    *,
+    pe: Spec,
+    head: Spec,
+    backbone: Spec | None = None,
+    inner_lr: float = 0.03,
+    steps: int = 5,
+    strategy: Strategy | None = None,
+    optimizer: GradientTransformation | None = None,
+    logger: Any = None,
+) -> MetaLearner:
+    """Meta-learning for parameter-efficient fine-tuning (Gheini et al., Algorithm 1).
+
+    Inner loop: the PE parameters θa and the head θh; outer: the backbone θp and θa; θh is carried
+    over from the first task of each meta-batch. First-order by default, as in the paper.
+
+    Args:
+        pe: the parameter-efficient parameters (e.g. from ``metakit.peft.add_top_adapter``).
+        head: the task head.
+        backbone: the pretrained parameters to prime; default everything else.
+    """
+    backbone = backbone if backbone is not None else everything() - pe - head
+    return MetaLearner(
+        model,
+        loss_fn,
+        inner=_inner(pe | head, inner_lr, steps, optimizer),
+        outer_params=backbone | pe,
+        strategy=strategy if strategy is not None else FirstOrder(),
+        inner_only="first_task",
+        logger=logger,
+    )
+
+
+def maml_loop_priming(
+    model: nn.Module,
+    loss_fn: LossFn | None,
+    *,
+    pe: Spec,
+    head: Spec,
+    backbone: Spec | None = None,
+    inner_lr: float = 0.03,
+    steps: int = 5,
+    strategy: Strategy | None = None,
+    optimizer: GradientTransformation | None = None,
+    logger: Any = None,
+) -> MetaLearner:
+    """The priming paper's ablation 6: :func:`priming` whose inner loop also updates the backbone."""
+    backbone = backbone if backbone is not None else everything() - pe - head
+    return MetaLearner(
+        model,
+        loss_fn,
+        inner=_inner(backbone | pe | head, inner_lr, steps, optimizer),
+        outer_params=backbone | pe,
+        strategy=strategy if strategy is not None else FirstOrder(),
+        inner_only="first_task",
+        logger=logger,
+    )
+
+
+def meta_adapters(
+    model: nn.Module,
+    loss_fn: LossFn | None,
+    *,
+    adapters: Spec,
+    head: Spec,
+    inner_lr: float = 0.03,
+    steps: int = 5,
+    strategy: Strategy | None = None,
+    optimizer: GradientTransformation | None = None,
+    logger: Any = None,
+) -> MetaLearner:
+    """Meta-Adapters (Bansal et al., 2022): inner = adapters + head, outer = adapters, backbone frozen.
+
+    The head is not meta-learned: every task adapts it from the same starting value.
+    """
+    return MetaLearner(
+        model,
+        loss_fn,
+        inner=_inner(adapters | head, inner_lr, steps, optimizer),
+        outer_params=adapters,
+        strategy=strategy if strategy is not None else SecondOrder(),
+        inner_only="keep",
+        logger=logger,
+    )
