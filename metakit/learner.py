@@ -164,6 +164,7 @@ class MetaLearner:
             outcome.grads = outcome.lr_grads = {}
             outcomes.append(outcome)
 
+        _check_finite_grads({**total, **total_lr})
         self._write_grads(params, total, total_lr)
         if self.inner_only == "first_task" and self.inner_only_names:
             with torch.no_grad():
@@ -259,6 +260,22 @@ def _accumulate(total: dict[str, torch.Tensor], grads: Mapping[str, torch.Tensor
     for name, grad in grads.items():
         grad = grad.detach() / n_tasks
         total[name] = total[name] + grad if name in total else grad
+
+
+def _check_finite_grads(grads: Mapping[str, torch.Tensor]) -> None:
+    flags = (
+        torch.stack([torch.isfinite(g).all() for g in grads.values()])
+        if grads
+        else torch.ones(0, dtype=torch.bool)
+    )
+    if bool(flags.all()):
+        return
+    bad = [name for name, ok in zip(grads, flags.tolist(), strict=True) if not ok]
+    raise FloatingPointError(
+        f"The meta-gradient is not finite for {len(bad)} parameter(s), e.g. {bad[:3]}; nothing was written to "
+        ".grad. A differentiable inner Adam needs eps_root > 0 (torchopt.adam(lr, eps_root=1e-8)) so its "
+        "square root stays differentiable at zero gradients; otherwise lower the inner learning rate."
+    )
 
 
 def _add_grad(param: torch.Tensor, grad: torch.Tensor) -> None:
