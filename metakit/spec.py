@@ -338,6 +338,11 @@ def explain(model: nn.Module, **groups: Spec) -> str:
         lines.append(f"in several groups ({len(shared)}):")
         lines.extend(f"  {name}: {', '.join(gs)}" for name, gs in _head(shared.items()))
         lines.extend(_more(len(shared)))
+    aliases = _tied_aliases(model)
+    if aliases:
+        lines.append(f"tied (counted once, under the first name) ({len(aliases)}):")
+        lines.extend(f"  {alias} = {name}" for alias, name in _head(aliases.items()))
+        lines.extend(_more(len(aliases)))
     if unused:
         lines.append(f"in no group ({len(unused)}):")
         lines.extend(f"  {name}" for name in _head(unused))
@@ -346,6 +351,18 @@ def explain(model: nn.Module, **groups: Spec) -> str:
 
 
 _LISTED = 20
+
+
+def _tied_aliases(model: nn.Module) -> dict[str, str]:
+    """Names under which an already-listed parameter appears again, mapped to its first name."""
+    first: dict[int, str] = {}
+    aliases: dict[str, str] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        if id(param) in first:
+            aliases[name] = first[id(param)]
+        else:
+            first[id(param)] = name
+    return aliases
 
 
 def _head(items: Iterable) -> list:
