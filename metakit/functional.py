@@ -24,7 +24,9 @@ def parameter_names(model: nn.Module) -> set[str]:
     return {name for name, _ in model.named_parameters(remove_duplicate=False)}
 
 
-def bind(model: nn.Module, params: Mapping[str, torch.Tensor]) -> Callable[..., Any]:
+def bind(
+    model: nn.Module, params: Mapping[str, torch.Tensor], *, check_names: bool = True
+) -> Callable[..., Any]:
     """Return ``forward(*args, **kwargs)`` that runs ``model`` with ``params`` in place of its own.
 
     Parameters missing from ``params`` keep the module's values, buffers are the module's, and
@@ -33,18 +35,22 @@ def bind(model: nn.Module, params: Mapping[str, torch.Tensor]) -> Callable[..., 
     Args:
         model: the module to run; it is not modified.
         params: ``{dotted name: tensor}``, a subset of ``model.named_parameters()``.
+        check_names: raise ``KeyError`` for names that are not parameters of ``model`` (a typo
+            would otherwise be ignored silently). metakit's inner loop, whose names come from the
+            model itself, turns this off on its hot path.
 
     Example:
         >>> params = {k: v * 2 for k, v in model.named_parameters()}  # doctest: +SKIP
         >>> bind(model, params)(x)  # same as model(x) with doubled weights  # doctest: +SKIP
     """
-    known = parameter_names(model)
-    unknown = [name for name in params if name not in known]
-    if unknown:
-        raise KeyError(
-            f"bind() got names that are not parameters of {type(model).__name__}: {unknown[:5]}. "
-            f"Some real names: {sorted(known)[:5]}."
-        )
+    if check_names:
+        known = parameter_names(model)
+        unknown = [name for name in params if name not in known]
+        if unknown:
+            raise KeyError(
+                f"bind() got names that are not parameters of {type(model).__name__}: {unknown[:5]}. "
+                f"Some real names: {sorted(known)[:5]}."
+            )
     buffers = dict(model.named_buffers())
 
     def forward(*args: Any, **kwargs: Any) -> Any:

@@ -121,7 +121,9 @@ class InnerLoop:
                 params = anchor = _fresh_leaves(params)
             if state is None:
                 state = self.optimizer.init(params)
-            forward = bind(model, {**(context if differentiable else detached_context), **params})
+            forward = bind(
+                model, {**(context if differentiable else detached_context), **params}, check_names=False
+            )
             with double_backward_safe(differentiable):
                 loss = loss_fn(forward, batch)
             check_scalar_loss(loss, f"support loss of task {task_index} at inner step {step}")
@@ -139,7 +141,9 @@ class InnerLoop:
         if first_differentiable == steps:
             anchor = params
         with torch.no_grad():
-            losses.append(loss_fn(bind(model, {**detached_context, **params}), batch).detach())
+            losses.append(
+                loss_fn(bind(model, {**detached_context, **params}, check_names=False), batch).detach()
+            )
         trace = torch.stack(losses)
         _check_finite(trace, task_index)
         return AdaptedParams(params=params, anchor=anchor, losses=trace)

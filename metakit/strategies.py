@@ -69,7 +69,7 @@ class TaskProblem:
         return {**self.outer_only, **self.frozen}
 
     def query_loss(self, adapted: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        loss = self.loss_fn(bind(self.model, {**self.context, **adapted}), self.task.query)
+        loss = self.loss_fn(bind(self.model, {**self.context, **adapted}, check_names=False), self.task.query)
         check_scalar_loss(loss, f"query loss of task {self.index}")
         return loss
 
@@ -233,7 +233,7 @@ class Implicit(Strategy):
                 **dict(zip(outer_only_names, outer_only, strict=True)),
                 **dict(zip(inner_names, phi, strict=True)),
             }
-            return loss_fn(bind(model, params), support)
+            return loss_fn(bind(model, params, check_names=False), support)
 
         def optimality(phi, theta, outer_only):
             # custom_root differentiates this with torch.func transforms, so the support gradient is a
