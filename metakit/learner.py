@@ -140,6 +140,18 @@ class MetaLearner:
         """MetaSGD: the learned per-element scale of each inner parameter's update (empty otherwise)."""
         return {self._lr_names[key]: scale.detach() for key, scale in self.lr_scales.items()}
 
+    def state_dict(self) -> dict[str, Any]:
+        """The learner's own state (meta-step count, MetaSGD scales) for checkpoints.
+
+        The model and the outer optimizer keep their own ``state_dict()``; save all three to resume.
+        """
+        return {"step": self.step, "lr_scales": self.lr_scales.state_dict()}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore what :meth:`state_dict` saved."""
+        self.step = int(state["step"])
+        self.lr_scales.load_state_dict(state["lr_scales"])
+
     def meta_step(self, tasks: Sequence[Task], logger: Any = None) -> MetaStepResult:
         """Adapt to each task, then accumulate the mean meta-gradient into the outer ``.grad``.
 

@@ -538,3 +538,29 @@ def test_non_finite_meta_gradient_is_an_error_with_a_hint():
     with pytest.raises(FloatingPointError, match=r"meta-gradient.*not finite.*eps_root"):
         learner.meta_step(sine_tasks(2))
     assert all(p.grad is None for p in model.parameters())
+
+
+def test_state_dict_round_trip_resumes_step_and_learned_rates():
+    model = small_mlp()
+    make = lambda: mk.MetaLearner(  # noqa: E731
+        model,
+        mse_loss,
+        inner=mk.InnerLoop(mk.everything(), torchopt.sgd(lr=0.1), 1, learn_lr=True),
+        outer_params=mk.everything(),
+        strategy=mk.SecondOrder(),
+    )
+    learner = make()
+    optimizer = torch.optim.SGD(learner.outer_parameters(), lr=0.1)
+    for _ in range(2):
+        learner.meta_step(sine_tasks(2))
+        optimizer.step()
+        optimizer.zero_grad()
+    restored = make()
+    restored.load_state_dict(learner.state_dict())
+    assert restored.step == 2
+    for (key, scale), (key2, scale2) in zip(
+        learner.lr_scales.items(), restored.lr_scales.items(), strict=True
+    ):
+        assert key == key2
+        torch.testing.assert_close(scale, scale2)
+        assert not torch.equal(scale2, torch.ones_like(scale2))  # it really learned something
