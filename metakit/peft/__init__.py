@@ -1,0 +1,43 @@
+"""Parameter-efficient modules for meta-learning Hugging Face encoders.
+
+Each insertion modifies the model in place and returns the :class:`~metakit.Spec` that selects
+exactly what it added, so inner/outer groups are written as spec algebra:
+
+Example:
+    >>> from transformers import BertConfig, BertForTokenClassification
+    >>> from metakit.peft import add_top_adapter, head_spec, backbone_spec
+    >>> model = BertForTokenClassification(BertConfig(num_hidden_layers=2, hidden_size=32,
+    ...     num_attention_heads=2, intermediate_size=64, vocab_size=100, num_labels=3))
+    >>> adapter = add_top_adapter(model, bottleneck=8)
+    >>> adapter
+    select('*.top_adapter.*')
+    >>> head_spec(model)
+    select('classifier.*')
+
+Models wrapped by the ``peft`` library: :func:`peft_params`. Persisting a task's PE parameters and
+head: :func:`save_pe` / :func:`load_pe`.
+"""
+
+from metakit.peft.adapters import add_houlsby_adapters, add_top_adapter
+from metakit.peft.interop import peft_params
+from metakit.peft.io import load_pe, save_pe
+from metakit.peft.layout import EncoderLayout, backbone_spec, find_layout, head_spec
+from metakit.peft.lora import DEFAULT_LORA_TARGETS, add_lora
+from metakit.peft.modules import AdaptedLayerNorm, BottleneckAdapter, PELinear
+
+__all__ = [
+    "DEFAULT_LORA_TARGETS",
+    "AdaptedLayerNorm",
+    "BottleneckAdapter",
+    "EncoderLayout",
+    "PELinear",
+    "add_houlsby_adapters",
+    "add_lora",
+    "add_top_adapter",
+    "backbone_spec",
+    "find_layout",
+    "head_spec",
+    "load_pe",
+    "peft_params",
+    "save_pe",
+]
