@@ -106,6 +106,7 @@ def priming(
     strategy: Strategy | None = None,
     optimizer: GradientTransformation | None = None,
     logger: Any = None,
+    adapt_backbone: bool = False,
 ) -> MetaLearner:
     """Meta-learning for parameter-efficient fine-tuning (Gheini et al., Algorithm 1).
 
@@ -116,12 +117,15 @@ def priming(
         pe: the parameter-efficient parameters (e.g. from ``metakit.peft.add_top_adapter``).
         head: the task head.
         backbone: the pretrained parameters to prime; default everything else.
+        adapt_backbone: the inner loop also updates the backbone (the paper's ablation 6, see
+            :func:`maml_loop_priming`).
     """
     backbone = backbone if backbone is not None else everything() - pe - head
+    inner = backbone | pe | head if adapt_backbone else pe | head
     return MetaLearner(
         model,
         loss_fn,
-        inner=_inner(pe | head, inner_lr, steps, optimizer),
+        inner=_inner(inner, inner_lr, steps, optimizer),
         outer_params=backbone | pe,
         strategy=strategy if strategy is not None else FirstOrder(),
         inner_only="first_task",
@@ -129,30 +133,9 @@ def priming(
     )
 
 
-def maml_loop_priming(
-    model: nn.Module,
-    loss_fn: LossFn | None,
-    *,
-    pe: Spec,
-    head: Spec,
-    backbone: Spec | None = None,
-    inner_lr: float = 0.03,
-    steps: int = 5,
-    strategy: Strategy | None = None,
-    optimizer: GradientTransformation | None = None,
-    logger: Any = None,
-) -> MetaLearner:
+def maml_loop_priming(model: nn.Module, loss_fn: LossFn | None, **kwargs: Any) -> MetaLearner:
     """The priming paper's ablation 6: :func:`priming` whose inner loop also updates the backbone."""
-    backbone = backbone if backbone is not None else everything() - pe - head
-    return MetaLearner(
-        model,
-        loss_fn,
-        inner=_inner(backbone | pe | head, inner_lr, steps, optimizer),
-        outer_params=backbone | pe,
-        strategy=strategy if strategy is not None else FirstOrder(),
-        inner_only="first_task",
-        logger=logger,
-    )
+    return priming(model, loss_fn, adapt_backbone=True, **kwargs)
 
 
 def meta_adapters(

@@ -22,7 +22,7 @@ from torchopt.diff.implicit import custom_root
 from torchopt.linear_solve import solve_cg
 
 from metakit.functional import bind, double_backward_safe
-from metakit.inner import InnerLoop, check_scalar_loss
+from metakit.inner import AdaptedParams, InnerLoop, check_scalar_loss
 from metakit.task import LossFn, Task
 
 __all__ = [
@@ -68,6 +68,19 @@ class TaskProblem:
         """The non-inner parameters the forward needs."""
         return {**self.outer_only, **self.frozen}
 
+    def adapt(self, differentiable_steps: int) -> AdaptedParams:
+        """Run the inner loop on the task's support batch from the learner's current values."""
+        return self.inner.run(
+            self.model,
+            self.loss_fn,
+            self.task.support,
+            self.start,
+            self.context,
+            differentiable_steps=differentiable_steps,
+            lr_scales=self.lr_scales,
+            task_index=self.index,
+        )
+
     def query_loss(self, adapted: Mapping[str, torch.Tensor]) -> torch.Tensor:
         loss = self.loss_fn(bind(self.model, {**self.context, **adapted}, check_names=False), self.task.query)
         check_scalar_loss(loss, f"query loss of task {self.index}")
@@ -97,16 +110,7 @@ class Strategy:
         raise NotImplementedError
 
     def task_gradient(self, problem: TaskProblem) -> TaskGradient:
-        adapted = problem.inner.run(
-            problem.model,
-            problem.loss_fn,
-            problem.task.support,
-            problem.start,
-            problem.context,
-            differentiable_steps=self.differentiable_steps(problem.inner.steps),
-            lr_scales=problem.lr_scales,
-            task_index=problem.index,
-        )
+        adapted = problem.adapt(self.differentiable_steps(problem.inner.steps))
         query_loss = problem.query_loss(adapted.params)
         targets = {name: adapted.anchor[name] for name in problem.shared}
         targets.update(problem.outer_only)
@@ -173,15 +177,7 @@ class Reptile(Strategy):
         return 0
 
     def task_gradient(self, problem: TaskProblem) -> TaskGradient:
-        adapted = problem.inner.run(
-            problem.model,
-            problem.loss_fn,
-            problem.task.support,
-            problem.start,
-            problem.context,
-            differentiable_steps=0,
-            task_index=problem.index,
-        )
+        adapted = problem.adapt(differentiable_steps=0)
         with torch.no_grad():
             query_loss = problem.query_loss(adapted.params)
             grads = {

@@ -11,7 +11,15 @@ from torch import nn
 
 import metakit as mk
 
-torch.set_default_dtype(torch.float64)
+
+@pytest.fixture(autouse=True)
+def float64_default():
+    """Every tensor in this module is float64; restored afterwards so other tests are unaffected."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(previous)
+
 
 DIM, ALPHA = 4, 0.1
 
