@@ -1,0 +1,176 @@
+"""``metakit bench``: compare meta-gradient strategies on time, memory and fidelity.
+
+Examples::
+
+    metakit bench                                  # quick default, a few minutes on a CPU
+    metakit bench --full --out benchmarks/results  # the committed grid
+    metakit bench --workloads bert priming --strategies second-order first-order --steps 1 5
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from benchmarks.grid import FULL, QUICK, canonical_workload, expand
+from benchmarks.strategies import canonical_strategy
+
+__all__ = ["add_arguments", "run"]
+
+
+def _names(canonical: Callable[[str], str | list[str]]) -> Callable[[str], list[str]]:
+    """An argparse ``type`` that splits commas and turns unknown names into a usage error."""
+
+    def parse(text: str) -> list[str]:
+        names: list[str] = []
+        for part in filter(None, (p.strip() for p in text.split(","))):
+            try:
+                found = canonical(part)
+            except ValueError as error:
+                raise argparse.ArgumentTypeError(str(error)) from None
+            names += found if isinstance(found, list) else [found]
+        return names
+
+    return parse
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add ``metakit bench``'s options to ``parser``."""
+    parser.add_argument(
+        "--full", action="store_true", help="the full grid (S=1,5,10, size sweep) instead of the quick one"
+    )
+    parser.add_argument(
+        "--device",
+        choices=("auto", "cpu", "cuda"),
+        default="auto",
+        help="default: cuda when available, else cpu",
+    )
+    parser.add_argument(
+        "--workloads", type=_names(canonical_workload), nargs="+", action="extend", metavar="NAME",
+        help="sine, bert, priming, bert-h128, bert-h512, or sweep (comma or space separated)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--strategies", type=_names(canonical_strategy), nargs="+", action="extend", metavar="NAME",
+        help="second-order, first-order, truncated-1, reptile, implicit (also SecondOrder, Truncated(1), ...)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--steps", type=_positive_int, nargs="+", metavar="S", help="inner steps, e.g. --steps 1 5 10"
+    )
+    parser.add_argument(
+        "--out", type=Path, default=Path("metakit-bench"), help="output folder (default ./metakit-bench)"
+    )
+    parser.add_argument(
+        "--repeats", type=_positive_int, default=3, help="timed meta-steps per configuration (median)"
+    )
+    parser.add_argument(
+        "--threads", type=_positive_int, default=1, help="torch threads per configuration (default 1)"
+    )
+    parser.add_argument(
+        "--timeout", type=float, default=900.0, help="seconds before a configuration is abandoned"
+    )
+    parser.add_argument(
+        "--memory-limit-gib", type=float, default=8.0,
+        help="on CPU, a configuration that needs more than this much extra memory fails as 'oom' (0: no limit)",
+    )  # fmt: skip
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument(
+        "--from-records", type=Path, metavar="FILE",
+        help="measure nothing: rebuild the table and plots in --out from a records.json "
+        "(or the records.partial.jsonl an interrupted run leaves)",
+    )  # fmt: skip
+
+
+def _device(requested: str) -> str:
+    if requested == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(
+            "metakit bench: error: --device cuda was requested but no CUDA GPU is available "
+            f"(torch {torch.__version__}, torch.cuda.is_available() is False). Use --device cpu."
+        )
+    return requested
+
+
+def _unique(groups: list[list[str]] | None) -> list[str] | None:
+    """Flatten the parsed name lists (one per argument), dropping repeats."""
+    return list(dict.fromkeys(name for group in groups for name in group)) if groups else None
+
+
+def _load_records(path: Path) -> tuple[list[dict], dict]:
+    """Records and environment from a ``records.json``, or records alone from a partial JSON-lines file."""
+    if not path.exists():
+        raise SystemExit(f"metakit bench: error: --from-records {path} does not exist")
+    if path.suffix == ".jsonl":
+        records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        return records, {}
+    data = json.loads(path.read_text())
+    return data["records"], data["environment"]
+
+
+def _write_outputs(records: list[dict], environment: dict, out: Path) -> None:
+    from benchmarks.plots import write_plots
+    from benchmarks.report import markdown_report, markdown_table
+
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "records.json").write_text(json.dumps({"environment": environment, "records": records}, indent=1))
+    (out / "results.md").write_text(markdown_report(records, environment))
+    plots = write_plots(records, out, environment["device"])
+    print(markdown_table(records))
+    print(f"\nwrote {out / 'records.json'}, {out / 'results.md'} and {len(plots)} plots", file=sys.stderr)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run the grid, print the table, and write records, ``results.md`` and plots to ``--out``."""
+    from benchmarks.environment import describe_environment
+    from benchmarks.runner import run_configs
+
+    if args.from_records is not None:
+        records, environment = _load_records(args.from_records)
+        if not environment:
+            device = records[0]["config"]["device"] if records else "cpu"
+            environment = describe_environment(device, records[0].get("threads", 1) if records else 1)
+            environment["note"] = f"rebuilt from {args.from_records.name}; machine described at rebuild time"
+        _write_outputs(records, environment, args.out)
+        return 0
+
+    device = _device(args.device)
+    configs = expand(
+        FULL if args.full else QUICK,
+        workloads=_unique(args.workloads),
+        strategies=_unique(args.strategies),
+        steps=sorted(set(args.steps)) if args.steps else None,
+        device=device,
+        repeats=args.repeats,
+        threads=args.threads,
+        memory_limit_gib=args.memory_limit_gib if device == "cpu" else 0.0,
+    )
+    environment = describe_environment(device, args.threads)
+    print(
+        f"metakit bench: {len(configs)} configurations on {device}, each in a fresh process", file=sys.stderr
+    )
+    args.out.mkdir(parents=True, exist_ok=True)
+    checkpoint = args.out / "records.partial.jsonl"
+    checkpoint.write_text("")
+    records = run_configs(
+        configs, timeout_s=args.timeout, progress=not args.no_progress, checkpoint=checkpoint
+    )
+    environment["load_average_at_end"] = list(os.getloadavg())
+    _write_outputs(records, environment, args.out)
+    checkpoint.unlink()
+    return 0 if any(r["status"] == "ok" for r in records) else 1

@@ -1,0 +1,118 @@
+"""Which configurations a run measures: the quick default, the full grid, and command-line overrides."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from benchmarks.config import Config
+from benchmarks.strategies import STRATEGIES
+from benchmarks.workloads import WORKLOADS
+
+__all__ = ["FULL", "QUICK", "GridEntry", "canonical_workload", "expand"]
+
+#: ``--workloads sweep`` stands for the size sweep (d): BERT at hidden 128, 256 and 512.
+GROUPS = {"sweep": ("bert-h128", "bert", "bert-h512")}
+
+
+@dataclass(frozen=True)
+class GridEntry:
+    """Strategies and inner-step counts measured on one workload.
+
+    Attributes:
+        outcome_steps: meta-training budget of the outcome measurement (0: none).
+        outcome_at: the S values at which the outcome is measured (``None``: all).
+        reference_at: the S values at which the hand-written loop is timed (``None``: all).
+    """
+
+    workload: str
+    strategies: tuple[str, ...]
+    steps: tuple[int, ...]
+    outcome_steps: int = 0
+    outcome_at: tuple[int, ...] | None = None
+    reference_at: tuple[int, ...] | None = None
+
+
+_ALL = tuple(STRATEGIES)
+_PRIMING = WORKLOADS["priming"].strategies
+_EXACT_AND_FIRST = ("second-order", "first-order")
+
+QUICK = (
+    GridEntry("sine", _ALL, (1, 5), outcome_steps=20),
+    GridEntry("bert", _ALL, (1,)),
+    GridEntry("priming", _PRIMING, (1,)),
+)
+
+#: The committed CPU grid (about 20 minutes on 2 shared CPU cores, one thread per configuration).
+FULL = (
+    GridEntry("bert", _ALL, (1, 5, 10)),
+    GridEntry("priming", _PRIMING, (1, 5, 10)),
+    GridEntry("sine", _ALL, (1, 5, 10), outcome_steps=40, outcome_at=(1, 5)),
+    GridEntry("bert-h128", _EXACT_AND_FIRST, (1, 5)),
+    GridEntry("bert-h512", _EXACT_AND_FIRST, (1,)),
+)
+
+
+def canonical_workload(text: str) -> list[str]:
+    """Workload names for ``text`` (a name or a group such as ``sweep``).
+
+    Raises:
+        ValueError: unknown name; the message lists the valid ones.
+    """
+    name = text.strip().lower()
+    if name in GROUPS:
+        return list(GROUPS[name])
+    if name not in WORKLOADS:
+        raise ValueError(
+            f"unknown workload {text!r}; valid workloads: {', '.join(WORKLOADS)} (or the group 'sweep')"
+        )
+    return [name]
+
+
+def expand(
+    base: Sequence[GridEntry],
+    *,
+    workloads: Sequence[str] | None = None,
+    strategies: Sequence[str] | None = None,
+    steps: Sequence[int] | None = None,
+    **settings,
+) -> list[Config]:
+    """The configurations of ``base``, in its order, optionally restricted or overridden.
+
+    Args:
+        base: the grid (:data:`QUICK` or :data:`FULL`).
+        workloads: measure only these workloads; one that ``base`` lacks gets its own default
+            strategies and ``base``'s longest list of S. ``None`` keeps ``base``'s.
+        strategies: replaces every entry's strategies (a combination a learner rejects is recorded
+            as ``"unsupported"``).
+        steps: replaces every entry's inner-step counts.
+        settings: further :class:`Config` fields (device, repeats, threads, memory_limit_gib).
+    """
+    entries = list(base)
+    if workloads is not None:
+        default_steps = max((entry.steps for entry in base), key=len)
+        present = {entry.workload for entry in entries}
+        entries = [entry for entry in entries if entry.workload in workloads] + [
+            GridEntry(name, WORKLOADS[name].strategies, default_steps)
+            for name in workloads
+            if name not in present
+        ]
+    seen: set[str] = set()
+    configs = []
+    for entry in entries:
+        for strategy in strategies or entry.strategies:
+            for s in steps or entry.steps:
+                config = Config(
+                    entry.workload,
+                    strategy,
+                    s,
+                    outcome_steps=entry.outcome_steps
+                    if entry.outcome_at is None or s in entry.outcome_at
+                    else 0,
+                    reference=entry.reference_at is None or s in entry.reference_at,
+                    **settings,
+                )
+                if config.key not in seen:  # overriding steps can make two entries coincide
+                    seen.add(config.key)
+                    configs.append(config)
+    return configs

@@ -1,0 +1,182 @@
+"""Measure one configuration in this process: time, memory, meta-gradient and (sine) outcome.
+
+Order matters: the first meta-step is the warm-up and the one whose peak memory is reported (a
+fresh process's first step is when the allocator grows); the saved-tensor count gets its own step
+because the counter keeps storages alive; timing alternates metakit and the hand-written loop so
+that load from other processes on a shared machine affects both alike.
+"""
+
+from __future__ import annotations
+
+import gc
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from benchmarks.config import Config
+from benchmarks.memory import PeakRSS, SavedTensorCounter
+from benchmarks.outcome import meta_train_and_evaluate
+from benchmarks.reference import REFERENCE_STRATEGIES, reference_meta_step
+from benchmarks.strategies import build_learner
+from benchmarks.workloads import WORKLOADS
+
+__all__ = ["cosine_and_relative_error", "measure"]
+
+MIB = 2**20
+
+
+def measure(config: Config) -> dict:
+    """Run ``config`` and return its record (without fidelity, which needs SecondOrder's gradient)."""
+    device = torch.device(config.device)
+    built = WORKLOADS[config.workload].build(device)
+    try:
+        learner = build_learner(built, config.strategy, config.steps)
+    except (ValueError, TypeError) as error:
+        return {"status": "unsupported", "error": str(error), "workload_info": built.info}
+    model = built.model
+    outer_names = built.outer.names(model)
+    inner_names = built.inner.names(model)
+    initial = _snapshot(model)
+    sync = _synchronizer(device)
+    record: dict = {"status": "ok", "workload_info": built.info, "outer_tensors": len(outer_names)}
+
+    def metakit_step() -> torch.Tensor:
+        return learner.meta_step(built.tasks).loss
+
+    run_reference = None
+    if config.reference and config.strategy in REFERENCE_STRATEGIES:
+
+        def run_reference() -> torch.Tensor:
+            return reference_meta_step(
+                model,
+                built.loss_fn,
+                built.tasks,
+                inner_names,
+                outer_names,
+                lr=built.inner_lr,
+                steps=config.steps,
+                second_order=REFERENCE_STRATEGIES[config.strategy],
+                head_from_first_task=built.priming,
+            )
+
+    # 1. warm-up step: peak memory and the meta-gradient on the initial weights
+    _zero_grads(model)
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        allocated_before = torch.cuda.memory_allocated(device)
+    with PeakRSS() as rss:
+        started = time.perf_counter()
+        loss = metakit_step()
+        sync()
+        record["first_step_ms"] = 1e3 * (time.perf_counter() - started)
+    record["meta_loss"] = float(loss)
+    record["peak_rss_increase_mib"] = rss.increase / MIB
+    record["rss_method"] = rss.method
+    if device.type == "cuda":
+        record["cuda_peak_mib"] = (torch.cuda.max_memory_allocated(device) - allocated_before) / MIB
+    grads = _grads(model, outer_names)
+    if config.grad_path:
+        torch.save(grads, config.grad_path)
+
+    # 2. bytes saved for backward during one meta-step
+    _restore(model, initial)
+    _zero_grads(model)
+    try:
+        with SavedTensorCounter() as saved:
+            metakit_step()
+        record["saved_mib"] = saved.nbytes / MIB
+        record["saved_storages"] = saved.storages
+    except RuntimeError as error:
+        if "saved tensor hooks" not in str(error):
+            raise
+        # torch.func transforms (used by torchopt's implicit differentiation) refuse these hooks
+        record["saved_mib"] = None
+        record["saved_note"] = f"not measurable: {error}"
+
+    # 3. the hand-written loop on the same weights and batch: its gradient and saved bytes
+    if run_reference is not None:
+        _restore(model, initial)
+        _zero_grads(model)
+        with SavedTensorCounter() as reference_saved:
+            run_reference()
+        cosine, relative_error = cosine_and_relative_error(grads, _grads(model, outer_names))
+        record["reference_cosine"], record["reference_rel_error"] = cosine, relative_error
+        record["reference_saved_mib"] = reference_saved.nbytes / MIB
+
+    # 4. timing: metakit and the hand-written loop alternate
+    times, reference_times = [], []
+    for _ in range(config.repeats):
+        times.append(_timed(metakit_step, model, sync))
+        if run_reference is not None:
+            reference_times.append(_timed(run_reference, model, sync))
+    record["times_ms"] = times
+    record["time_ms"] = statistics.median(times)
+    if reference_times:
+        record["reference_times_ms"] = reference_times
+        record["reference_time_ms"] = statistics.median(reference_times)
+        record["overhead_ratio"] = record["time_ms"] / record["reference_time_ms"]
+
+    # 5. outcome: query loss after adaptation, after a fixed meta-training budget
+    if config.outcome_steps and built.sample_tasks is not None:
+        _restore(model, initial)
+        record["outcome"] = meta_train_and_evaluate(learner, built, config.outcome_steps)
+    return record
+
+
+def cosine_and_relative_error(
+    grads: dict[str, torch.Tensor], exact: dict[str, torch.Tensor]
+) -> tuple[float, float]:
+    """Cosine similarity and ``‖g − g*‖ / ‖g*‖`` of two gradients, flattened over shared names.
+
+    A name missing from ``grads`` (no ``.grad``) counts as zero there.
+    """
+    names = sorted(exact)
+    exact_flat = torch.cat([exact[n].flatten().double() for n in names])
+    flat = torch.cat(
+        [
+            grads[n].flatten().double() if n in grads else torch.zeros_like(exact[n]).flatten().double()
+            for n in names
+        ]
+    )
+    norm, exact_norm = flat.norm(), exact_flat.norm()
+    cosine = float(flat @ exact_flat / (norm * exact_norm)) if norm > 0 and exact_norm > 0 else float("nan")
+    relative = float((flat - exact_flat).norm() / exact_norm) if exact_norm > 0 else float("nan")
+    return cosine, relative
+
+
+def _timed(step: Callable[[], torch.Tensor], model: nn.Module, sync: Callable[[], None]) -> float:
+    _zero_grads(model)
+    sync()
+    started = time.perf_counter()
+    step()
+    sync()
+    return 1e3 * (time.perf_counter() - started)
+
+
+def _synchronizer(device: torch.device) -> Callable[[], None]:
+    if device.type == "cuda":
+        return lambda: torch.cuda.synchronize(device)
+    return lambda: None
+
+
+def _zero_grads(model: nn.Module) -> None:
+    for param in model.parameters():
+        param.grad = None
+
+
+def _grads(model: nn.Module, names: list[str]) -> dict[str, torch.Tensor]:
+    params = dict(model.named_parameters())
+    return {n: params[n].grad.detach().cpu().clone() for n in names if params[n].grad is not None}
+
+
+def _snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def _restore(model: nn.Module, snapshot: dict[str, torch.Tensor]) -> None:
+    """Undo what a meta-step changes in the module (priming's head carried over from the first task)."""
+    model.load_state_dict(snapshot)
