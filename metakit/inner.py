@@ -111,16 +111,16 @@ class InnerLoop:
         steps = self.steps
         first_differentiable = steps - min(differentiable_steps, steps)
         detached_context = {name: value.detach() for name, value in context.items()}
-        state = None
         losses: list[torch.Tensor] = []
+        # Between non-differentiated steps the params are fresh leaves, so whichever step starts the
+        # differentiated segment finds its anchor there.
         params = _fresh_leaves(start)
+        state = self.optimizer.init(params)
         anchor = params
         for step in range(steps):
             differentiable = step >= first_differentiable
             if step == first_differentiable:
-                params = anchor = _fresh_leaves(params)
-            if state is None:
-                state = self.optimizer.init(params)
+                anchor = params
             forward = bind(
                 model, {**(context if differentiable else detached_context), **params}, check_names=False
             )
