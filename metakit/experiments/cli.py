@@ -1,0 +1,121 @@
+"""``metakit ner``: the priming experiment from the command line.
+
+Usage::
+
+    metakit ner run --preset cpu --out benchmarks/results/priming-cpu            # all 7 settings × 6 targets × 3 seeds
+    metakit ner run --preset cpu-quick --settings 1,3,4 --out runs/quick         # a few minutes
+    metakit ner run --config exp.yaml --langs hi,af --seeds 0 --out runs/x --resume
+    metakit ner table runs/x --write                                             # re-render a folder's table
+    metakit ner presets                                                          # list presets and their keys
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from metakit.experiments.config import PRESETS, load_config
+
+__all__ = ["add_arguments", "run"]
+
+
+def _ints(text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def _strs(text: str) -> list[str]:
+    return [x.strip() for x in text.split(",") if x.strip()]
+
+
+def _value(text: str) -> Any:
+    """``--set key=value`` values: JSON if it parses (numbers, lists, null, true), else the string."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Register ``run``, ``table`` and ``presets`` under ``metakit ner``."""
+    commands = parser.add_subparsers(dest="ner_command", required=True, metavar="ACTION")
+    run_parser = commands.add_parser("run", help="run (or resume) settings × targets × seeds")
+    run_parser.add_argument(
+        "--preset", choices=sorted(PRESETS), help="starting point (default: the file's, else cpu)"
+    )
+    run_parser.add_argument(
+        "--config", help="a .toml or .yaml file of config keys (optionally 'preset = ...')"
+    )
+    run_parser.add_argument("--settings", type=_ints, help="e.g. 1,3,4 (default: all seven)")
+    run_parser.add_argument("--langs", type=_strs, help="target languages, e.g. hi,af")
+    run_parser.add_argument("--sources", type=_strs, help="source languages for priming (default en,es)")
+    run_parser.add_argument("--seeds", type=_ints, help="e.g. 0,1,2")
+    run_parser.add_argument("--model", help="hub name or local path; 'e5' (offline) or 'tiny'")
+    run_parser.add_argument(
+        "--data", help="folder of {split}-{lang}.tsv files; 'hub' for unimelb-nlp/wikiann"
+    )
+    run_parser.add_argument("--threads", type=int, help="torch threads (0: torch's default)")
+    run_parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="any config key")
+    run_parser.add_argument("--out", required=True, help="output folder")
+    run_parser.add_argument(
+        "--resume", action="store_true", help="continue a folder; finished units are skipped"
+    )
+    table_parser = commands.add_parser("table", help="render the markdown table of an output folder")
+    table_parser.add_argument("out")
+    table_parser.add_argument("--write", action="store_true", help="also rewrite OUT/table.md")
+    commands.add_parser("presets", help="list the presets")
+
+
+def _overrides(args: argparse.Namespace) -> dict[str, Any]:
+    flags = {
+        "settings": args.settings,
+        "targets": args.langs,
+        "sources": args.sources,
+        "seeds": args.seeds,
+        "model": args.model,
+        "threads": args.threads,
+    }
+    keys = {k: v for k, v in flags.items() if v is not None}
+    if args.data is not None:
+        keys["data_dir"] = None if args.data == "hub" else args.data
+    for item in args.set:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ValueError(f"--set expects KEY=VALUE, got {item!r}.")
+        keys[key.strip()] = _value(value)
+    return keys
+
+
+def run(args: argparse.Namespace) -> int:
+    """Dispatch ``metakit ner ACTION``; returns the exit status."""
+    if args.ner_command == "presets":
+        for name, keys in PRESETS.items():
+            print(f"{name}: {json.dumps(keys)}")
+        return 0
+    if args.ner_command == "table":
+        from metakit.experiments.report import render_report
+
+        path = Path(args.out) / "results.json"
+        if not path.is_file():
+            print(f"error: no results.json in {args.out!r}", file=sys.stderr)
+            return 2
+        report = render_report(json.loads(path.read_text(encoding="utf-8")))
+        if args.write:
+            (Path(args.out) / "table.md").write_text(report, encoding="utf-8")
+        print(report)
+        return 0
+    from metakit.experiments.runner import Experiment
+
+    try:
+        config = load_config(args.preset, args.config, _overrides(args))
+        Experiment(config, args.out, resume=args.resume).run()
+    except (ValueError, FileNotFoundError, FileExistsError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print((Path(args.out) / "table.md").read_text(encoding="utf-8"))
+    return 0

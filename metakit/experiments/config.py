@@ -1,0 +1,233 @@
+"""The experiment's configuration: one flat dataclass, named presets, TOML/YAML files, strict keys.
+
+Example:
+    >>> config = load_config("cpu", overrides={"seeds": [0]})
+    >>> config.targets
+    ['hi', 'af', 'az', 'lt', 'et', 'nl']
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+__all__ = ["PRESETS", "ExperimentConfig", "load_config", "read_config_file"]
+
+#: The folder of the Rahimi/XTREME WikiAnn files, relative to the repository root.
+DEFAULT_DATA_DIR = str(Path(__file__).resolve().parents[2] / ".." / "shared" / "data" / "wikiann")
+
+#: Keys that choose *which* units to run; everything else changes results and must match on resume.
+SELECTION_KEYS = ("settings", "targets", "seeds")
+
+
+@dataclass
+class ExperimentConfig:
+    """Every knob of the experiment (see the issue for the paper's values, in the ``paper`` preset).
+
+    Model and data:
+        model: hub name or local path of a token-classification backbone; ``"e5"`` is the offline
+            multilingual-e5-small from :func:`metakit.pretrained.multilingual_e5_small`; ``"tiny"`` a
+            random 2-layer BERT with a tokenizer built from the data (tests, smoke runs).
+        data_dir: folder of ``{split}-{lang}.tsv`` files; ``None`` loads ``unimelb-nlp/wikiann`` from the hub.
+        sources, targets: priming languages and fine-tuning/test languages.
+        settings, seeds: which of the seven settings and which seeds to run.
+        source_sentences, target_sentences, test_sentences: seeded sub-samples (``None``: all).
+        max_length: sub-words per sentence (longer ones are truncated and counted).
+        bottleneck: width of the top adapter.
+        freeze_word_embeddings: keep the (large) word-embedding matrix fixed in every setting.
+        cache_features: run the encoder once per batch when only the adapter and head change.
+    Priming (settings 4–7 meta priming; 5 fine-tuning priming):
+        prime_steps: outer steps; support_size, query_size: sentences per task and language;
+        inner_lr, inner_steps: the inner SGD; prime_lr: AdamW on the outer params (linear decay);
+        prime_batch_size: batch of fine-tuning priming (setting 5), drawn from all sources.
+    Fine-tuning on a target:
+        ft_epochs, ft_batch_size; ft_lr_full (setting 1), ft_lr_pe (adapter or head tuning);
+        ft_epochs_full: epochs of full fine-tuning if it should differ (``None``: ``ft_epochs``).
+    Other: eval_batch_size, checkpoint_every (priming steps), threads (torch threads, 0: torch's default).
+    """
+
+    model: str = "e5"
+    data_dir: str | None = DEFAULT_DATA_DIR
+    sources: list[str] = field(default_factory=lambda: ["en", "es"])
+    targets: list[str] = field(default_factory=lambda: ["hi", "af", "az", "lt", "et", "nl"])
+    settings: list[int] = field(default_factory=lambda: [1, 2, 3, 4, 5, 6, 7])
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+    source_sentences: int | None = None
+    target_sentences: int | None = None
+    test_sentences: int | None = None
+    max_length: int = 128
+    bottleneck: int = 64
+    freeze_word_embeddings: bool = False
+    cache_features: bool = True
+    prime_steps: int = 1250
+    support_size: int = 8
+    query_size: int = 8
+    inner_lr: float = 0.03
+    inner_steps: int = 5
+    prime_lr: float = 5e-5
+    prime_batch_size: int = 16
+    ft_epochs: float = 3.0
+    ft_epochs_full: float | None = None
+    ft_batch_size: int = 16
+    ft_lr_full: float = 2e-5
+    ft_lr_pe: float = 1e-3
+    eval_batch_size: int = 64
+    checkpoint_every: int = 50
+    threads: int = 0
+
+    def __post_init__(self) -> None:
+        from metakit.experiments.settings import SETTINGS
+
+        bad = [s for s in self.settings if s not in SETTINGS]
+        if bad:
+            raise ValueError(f"Unknown settings {bad}; the experiment has settings {sorted(SETTINGS)}.")
+        for name in (
+            "prime_steps",
+            "support_size",
+            "query_size",
+            "inner_steps",
+            "ft_batch_size",
+            "max_length",
+        ):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}.")
+        if not self.targets or not self.seeds or not self.settings:
+            raise ValueError("settings, targets and seeds must each name at least one value.")
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict of every key."""
+        return dataclasses.asdict(self)
+
+    def fingerprint(self) -> str:
+        """Hash of every key that changes results (not the selection of settings, targets and seeds)."""
+        keys = {k: v for k, v in self.to_dict().items() if k not in SELECTION_KEYS}
+        return hashlib.sha256(json.dumps(keys, sort_keys=True).encode()).hexdigest()[:16]
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # The issue's hyper-parameters: mBERT, full data, one pass over each source language in priming.
+    "paper": {
+        "model": "bert-base-multilingual-cased",
+        "cache_features": False,
+        "prime_steps": 1250,
+        "ft_epochs": 3.0,
+    },
+    # The offline e5 encoder on 2 CPU cores: sub-sampled data and short schedules.
+    "cpu": {
+        "model": "e5",
+        "source_sentences": 2000,
+        "target_sentences": 500,
+        "test_sentences": 300,
+        "max_length": 64,
+        "freeze_word_embeddings": True,
+        "prime_steps": 20,
+        "prime_lr": 1e-4,
+        "prime_batch_size": 16,
+        # Adapter and head tuning run on cached encoder features: many epochs cost little.
+        "ft_epochs": 20.0,
+        "ft_epochs_full": 2.0,
+        "ft_batch_size": 16,
+        "ft_lr_full": 1e-4,
+        "ft_lr_pe": 1e-3,
+        "checkpoint_every": 5,
+        # One thread: on a shared 2-core machine, two torch threads per process thrash (8x slower seen).
+        "threads": 1,
+    },
+    # A few minutes: the cpu preset on fewer sentences and steps, one seed, two targets.
+    "cpu-quick": {
+        "model": "e5",
+        "targets": ["hi", "af"],
+        "seeds": [0],
+        "source_sentences": 400,
+        "target_sentences": 200,
+        "test_sentences": 100,
+        "max_length": 48,
+        "freeze_word_embeddings": True,
+        "prime_steps": 5,
+        "prime_lr": 1e-4,
+        "ft_epochs": 10.0,
+        "ft_epochs_full": 1.0,
+        "ft_lr_full": 1e-4,
+        "ft_lr_pe": 1e-3,
+        "checkpoint_every": 5,
+        "threads": 1,
+    },
+    # Seconds: a random tiny BERT; checks the plumbing, not the science.
+    "tiny": {
+        "model": "tiny",
+        "targets": ["hi", "af"],
+        "seeds": [0, 1],
+        "source_sentences": 40,
+        "target_sentences": 24,
+        "test_sentences": 16,
+        "max_length": 32,
+        "bottleneck": 8,
+        "prime_steps": 3,
+        "support_size": 4,
+        "query_size": 4,
+        "prime_batch_size": 8,
+        "ft_epochs": 1.0,
+        "ft_batch_size": 8,
+        "checkpoint_every": 2,
+        "eval_batch_size": 16,
+        "threads": 1,
+    },
+}
+
+
+def read_config_file(path: str | os.PathLike) -> dict[str, Any]:
+    """Keys of a ``.toml`` or ``.yaml``/``.yml`` file (a ``preset`` key names the preset it starts from)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"Config file {str(path)!r} does not exist.")
+    if path.suffix == ".toml":
+        try:
+            import tomllib
+        except ImportError:  # Python 3.10
+            try:
+                import tomli as tomllib
+            except ImportError as error:
+                raise ImportError(
+                    "Reading .toml configs on Python 3.10 needs `pip install tomli`."
+                ) from error
+
+        with open(path, "rb") as handle:
+            data = tomllib.load(handle)
+    elif path.suffix in (".yaml", ".yml"):
+        import yaml
+
+        with open(path, encoding="utf-8") as handle:
+            data = yaml.safe_load(handle) or {}
+    else:
+        raise ValueError(f"Config file {str(path)!r} must end in .toml, .yaml or .yml.")
+    if not isinstance(data, dict):
+        raise ValueError(f"Config file {str(path)!r} must hold a table of keys, got {type(data).__name__}.")
+    return data
+
+
+def _check_keys(keys: dict[str, Any], where: str) -> None:
+    known = {f.name for f in dataclasses.fields(ExperimentConfig)}
+    unknown = sorted(set(keys) - known)
+    if unknown:
+        raise ValueError(f"Unknown config keys {unknown} in {where}; known keys: {sorted(known)}.")
+
+
+def load_config(
+    preset: str | None = None,
+    config_file: str | os.PathLike | None = None,
+    overrides: dict[str, Any] | None = None,
+) -> ExperimentConfig:
+    """Build a config from a preset, then a file's keys, then ``overrides`` (flags); unknown keys raise."""
+    file_keys = read_config_file(config_file) if config_file else {}
+    preset = preset or file_keys.pop("preset", None) or "cpu"
+    file_keys.pop("preset", None)
+    if preset not in PRESETS:
+        raise ValueError(f"Unknown preset {preset!r}; presets: {sorted(PRESETS)}.")
+    _check_keys(file_keys, f"config file {config_file}")
+    _check_keys(overrides or {}, "the command-line overrides")
+    return ExperimentConfig(**{**PRESETS[preset], **file_keys, **(overrides or {})})

@@ -1,0 +1,142 @@
+"""Backbone loading and per-run model construction: a fresh tagger, its parameter groups, its seed.
+
+The pretrained backbone is loaded once (:class:`Backbone`); every run deep-copies it, adds the top
+adapter if its setting needs one, and re-initialises the classifier from the run's seed.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers import AutoModelForTokenClassification, AutoTokenizer, PreTrainedTokenizerBase
+
+from metakit.experiments.config import ExperimentConfig
+from metakit.experiments.settings import Setting
+from metakit.experiments.tagger import Tagger
+from metakit.spec import Spec, everything, nothing, select
+from metakit.tasks.wikiann import WIKIANN_LABELS
+
+__all__ = ["Backbone", "Groups", "fraction", "resolve_model_path", "trainable_state"]
+
+WORD_EMBEDDINGS = select("*word_embeddings.weight")
+
+
+def resolve_model_path(name: str) -> str:
+    """``"e5"`` → the offline multilingual-e5-small folder; any other name or path as given."""
+    if name == "e5":
+        try:
+            from metakit.pretrained import multilingual_e5_small
+        except ImportError as error:
+            raise ImportError(
+                "model 'e5' needs metakit.pretrained.multilingual_e5_small (the offline encoder); "
+                f"it could not be imported: {error}. Pass a hub name or a local path instead."
+            ) from error
+        return str(multilingual_e5_small())
+    return name
+
+
+@dataclass
+class Groups:
+    """The parameter groups of one run's model: the paper's θp, θa, θh, and what stays frozen."""
+
+    backbone: Spec
+    adapter: Spec | None
+    head: Spec
+    frozen: Spec
+
+    def tuned(self, setting: Setting) -> Spec:
+        """What target fine-tuning updates in ``setting``."""
+        if setting.tune == "full":
+            return self.backbone | self.head
+        if setting.tune == "head":
+            return self.head
+        return self.adapter | self.head
+
+
+class Backbone:
+    """A pretrained token-classification model and its tokenizer, loaded once and copied per run.
+
+    Args:
+        config: the experiment config (``model``, ``bottleneck``, ``freeze_word_embeddings``).
+        tiny_words: words to build the ``"tiny"`` model's vocabulary from.
+    """
+
+    def __init__(self, config: ExperimentConfig, tiny_words: Iterable[str] = ()):
+        self.config = config
+        labels = {"num_labels": len(WIKIANN_LABELS)}
+        if config.model == "tiny":
+            from metakit.experiments.tiny import tiny_bert, tiny_tokenizer
+
+            self.tokenizer: PreTrainedTokenizerBase = tiny_tokenizer(tiny_words)
+            self.model = tiny_bert(len(self.tokenizer), **labels)
+        else:
+            path = resolve_model_path(config.model)
+            self.tokenizer = AutoTokenizer.from_pretrained(path, use_fast=True)
+            self.model = AutoModelForTokenClassification.from_pretrained(
+                path,
+                id2label=dict(enumerate(WIKIANN_LABELS)),
+                label2id={name: i for i, name in enumerate(WIKIANN_LABELS)},
+                **labels,
+            )
+        self.model.eval()
+
+    def build(
+        self, setting: Setting, seed: int, state: Mapping[str, torch.Tensor] | None = None
+    ) -> tuple[Tagger, Groups]:
+        """A fresh tagger for ``setting``: copy, adapter (if any), classifier from ``seed``, then ``state``.
+
+        Args:
+            setting: decides whether the top adapter is added.
+            seed: initialises the adapter and classifier.
+            state: parameters to load on top (a primed model's trained tensors), by name.
+        """
+        from metakit.peft import add_top_adapter, head_spec
+
+        model = copy.deepcopy(self.model)
+        torch.manual_seed(seed)
+        head = head_spec(model)
+        _reset_head(model)
+        adapter = add_top_adapter(model, bottleneck=self.config.bottleneck) if setting.has_adapter else None
+        frozen = WORD_EMBEDDINGS if self.config.freeze_word_embeddings else nothing()
+        backbone = everything() - head - (adapter or nothing()) - frozen
+        if state is not None:
+            _load_partial(model, state)
+        frozen_names = set(frozen.names(model))
+        for name, param in model.named_parameters():
+            param.requires_grad_(name not in frozen_names)
+        return Tagger(model, adapter), Groups(backbone=backbone, adapter=adapter, head=head, frozen=frozen)
+
+
+def _reset_head(model: nn.Module) -> None:
+    std = getattr(model.config, "initializer_range", 0.02)
+    with torch.no_grad():
+        model.classifier.weight.normal_(0.0, std)
+        model.classifier.bias.zero_()
+
+
+def _load_partial(model: nn.Module, state: Mapping[str, torch.Tensor]) -> None:
+    params = dict(model.named_parameters())
+    unknown = sorted(set(state) - set(params))
+    if unknown:
+        raise KeyError(f"Saved state names parameters the model lacks: {unknown[:5]}.")
+    with torch.no_grad():
+        for name, value in state.items():
+            params[name].copy_(value)
+
+
+def trainable_state(model: nn.Module, spec: Spec) -> dict[str, torch.Tensor]:
+    """Detached copies of the parameters ``spec`` selects (what a checkpoint or primed model keeps)."""
+    names = set(spec.names(model))
+    return {name: p.detach().clone() for name, p in model.named_parameters() if name in names}
+
+
+def fraction(model: nn.Module, spec: Spec) -> float:
+    """Share of the model's parameter elements that ``spec`` selects (among requires_grad ones)."""
+    total = sum(p.numel() for p in model.parameters())
+    names = set(spec.names(model))
+    chosen = sum(p.numel() for n, p in model.named_parameters() if p.requires_grad and n in names)
+    return chosen / total

@@ -1,0 +1,189 @@
+"""Results on disk: ``results.json`` (every finished unit), predictions files, and the Table-1 markdown."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from metakit.experiments.settings import SETTINGS
+
+__all__ = [
+    "environment",
+    "load_predictions",
+    "markdown_table",
+    "meta_priming_comparison",
+    "render_report",
+    "save_predictions",
+    "write_json",
+]
+
+#: The paper's Table 1 F1 (hi, af, az, lt, et, nl), for the comparison column.
+PAPER_F1 = {
+    1: [86.73, 91.29, 87.70, 89.43, 90.88, 91.47],
+    2: [72.71, 79.11, 74.24, 78.34, 81.23, 78.90],
+    3: [77.76, 84.10, 81.08, 83.00, 85.13, 83.89],
+    4: [81.25, 88.23, 83.29, 86.30, 87.18, 88.97],
+    5: [79.55, 87.78, 82.28, 85.79, 86.56, 88.82],
+    6: [80.18, 85.82, 81.47, 85.73, 85.86, 88.13],
+    7: [80.23, 86.46, 80.35, 84.43, 86.14, 88.49],
+}
+PAPER_LANGS = ["hi", "af", "az", "lt", "et", "nl"]
+
+
+def write_json(path: Path, data: Any) -> None:
+    """Write JSON atomically (write a temporary file, then rename)."""
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def save_predictions(
+    path: Path,
+    tokens: Sequence[Sequence[str]],
+    gold: Sequence[Sequence[str]],
+    predicted: Sequence[Sequence[str]],
+) -> None:
+    """One JSON line per sentence: ``{"tokens", "gold", "predicted"}``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", encoding="utf-8") as handle:
+        for t, g, p in zip(tokens, gold, predicted, strict=True):
+            handle.write(
+                json.dumps({"tokens": list(t), "gold": list(g), "predicted": list(p)}, ensure_ascii=False)
+                + "\n"
+            )
+
+
+def load_predictions(path: Path) -> tuple[list[list[str]], list[list[str]]]:
+    """``(gold, predicted)`` tag sequences from a :func:`save_predictions` file."""
+    gold, predicted = [], []
+    with open(path, encoding="utf-8") as handle:
+        for line in handle:
+            row = json.loads(line)
+            gold.append(row["gold"])
+            predicted.append(row["predicted"])
+    return gold, predicted
+
+
+def environment() -> dict[str, Any]:
+    """The machine and library versions results came from."""
+    import datasets
+    import seqeval
+    import torch
+    import transformers
+
+    import metakit
+
+    return {
+        "machine": platform.machine(),
+        "processor": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "datasets": datasets.__version__,
+        "seqeval": getattr(seqeval, "__version__", "unknown"),
+        "metakit": metakit.__version__,
+    }
+
+
+def _cell(values: Sequence[float]) -> str:
+    if not values:
+        return "–"
+    mean = 100 * statistics.fmean(values)
+    std = 100 * statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{mean:.2f} ± {std:.2f}" + (f" (n={len(values)})" if len(values) == 1 else "")
+
+
+def markdown_table(units: Sequence[dict], targets: Sequence[str], title: str = "") -> str:
+    """Table 1 of the paper: a row per setting, F1 mean ± std over seeds per target, % params updated."""
+    header = ["#", "setting", "% params", *targets, "avg", "paper avg"]
+    lines = [
+        f"### {title}" if title else "",
+        "",
+        "| " + " | ".join(header) + " |",
+        "|" + "---|" * len(header),
+    ]
+    for number, setting in SETTINGS.items():
+        rows = [u for u in units if u["setting"] == number]
+        if not rows:
+            continue
+        share = statistics.fmean(u["fraction_updated"] for u in rows)
+        cells = [_cell([u["f1"] for u in rows if u["lang"] == lang]) for lang in targets]
+        seeds = sorted({u["seed"] for u in rows})
+        per_seed = [[u["f1"] for u in rows if u["seed"] == s and u["lang"] in targets] for s in seeds]
+        complete = [statistics.fmean(v) for v in per_seed if len(v) == len(targets)]
+        paper = [PAPER_F1[number][PAPER_LANGS.index(lang)] for lang in targets if lang in PAPER_LANGS]
+        paper_avg = f"{statistics.fmean(paper):.2f}" if len(paper) == len(targets) else "–"
+        row = [str(number), setting.name, f"{100 * share:.2f}", *cells, _cell(complete), paper_avg]
+        lines.append("| " + " | ".join(row) + " |")
+    lines.append("")
+    lines.append(
+        "Entity-level micro F1 × 100 (seqeval), mean ± std over seeds; `avg` over the listed targets, for seeds "
+        "that finished all of them; `% params` = share of the model's parameters updated in target fine-tuning."
+    )
+    return "\n".join(lines).lstrip("\n") + "\n"
+
+
+def meta_priming_comparison(units: Sequence[dict], targets: Sequence[str]) -> str:
+    """Per target: does meta priming (4) beat adapter tuning (3), fine-tuning priming (5), MAML loop (6), 1 step (7)?
+
+    Compares mean F1 over the seeds both settings finished; the paper's answer is "yes" for all 24 pairs.
+    """
+    lines = ["| target | 4 > 3 | 4 > 5 | 4 > 6 | 4 > 7 |", "|---|---|---|---|---|"]
+    wins = {other: [0, 0] for other in (3, 5, 6, 7)}
+    for lang in targets:
+        cells = []
+        for other in (3, 5, 6, 7):
+            mine = {u["seed"]: u["f1"] for u in units if u["setting"] == 4 and u["lang"] == lang}
+            theirs = {u["seed"]: u["f1"] for u in units if u["setting"] == other and u["lang"] == lang}
+            seeds = sorted(set(mine) & set(theirs))
+            if not seeds:
+                cells.append("–")
+                continue
+            delta = 100 * (
+                statistics.fmean(mine[s] for s in seeds) - statistics.fmean(theirs[s] for s in seeds)
+            )
+            wins[other][0] += delta > 0
+            wins[other][1] += 1
+            cells.append(f"{'yes' if delta > 0 else 'tie' if delta == 0 else 'no'} ({delta:+.2f})")
+        lines.append(f"| {lang} | " + " | ".join(cells) + " |")
+    lines.append("| **wins** | " + " | ".join(f"{w}/{n}" if n else "–" for w, n in wins.values()) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _describe(env: dict[str, Any]) -> str:
+    return (
+        f"{env['processor']}, {env['cpu_count']} CPUs ({env['torch_threads']} torch threads), {env['platform']}; "
+        f"Python {env['python']}, torch {env['torch']}, transformers {env['transformers']}, "
+        f"datasets {env['datasets']}, metakit {env['metakit']}"
+    )
+
+
+def render_report(results: dict[str, Any]) -> str:
+    """The ``table.md`` of an output folder from its ``results.json`` contents."""
+    config, units = results["config"], results["units"]
+    targets = config["targets"]
+    minutes = results.get("elapsed_seconds", 0.0) / 60
+    parts = [
+        f"# Priming experiment — model `{config['model']}`\n",
+        f"{len(units)} units finished, {minutes:.1f} min of compute in this folder. "
+        f"Environment: {_describe(results['environment'])}.\n",
+        markdown_table(units, targets, title="F1 on the target test sets"),
+        "### Does meta priming (4) beat the other priming variants and adapter tuning?\n",
+        "Difference of mean F1 × 100 over the seeds both settings finished.\n",
+        meta_priming_comparison(units, targets),
+    ]
+    cut = {k: v["truncated"] for k, v in results.get("truncated", {}).items() if v["truncated"]}
+    parts.append(
+        f"Sentences truncated to {config['max_length']} sub-words (tagged O past the cut): {cut or 'none'}.\n"
+    )
+    if results.get("failed"):
+        parts.append(f"Failed priming runs (their units are missing): {results['failed']}\n")
+    return "\n".join(parts)

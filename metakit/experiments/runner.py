@@ -1,0 +1,277 @@
+"""Runs the units of the experiment — (setting, target language, seed) — and keeps the output folder current.
+
+Layout of the output folder::
+
+    config.json          the full config and its fingerprint (a resumed run must match it)
+    results.json         every finished unit (F1, timings, share of parameters updated), priming runs
+    table.md             the paper's Table 1 shape, rewritten after every unit
+    runs/s{N}-seed{S}/predictions-{lang}.jsonl
+    tensorboard/         prime-s{N}-seed{S} (inner losses), ft-s{N}-{lang}-seed{S} (fine-tuning loss)
+    checkpoints/         priming checkpoints and primed weights (git-ignored, large)
+
+Priming runs once per (setting, seed) and is shared by every target language.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from datasets import Dataset
+from torch.utils.tensorboard import SummaryWriter
+from tqdm.auto import tqdm
+
+from metakit.experiments.config import SELECTION_KEYS, ExperimentConfig
+from metakit.experiments.finetune import finetune, predict, sentence_features
+from metakit.experiments.model import Backbone, fraction, trainable_state
+from metakit.experiments.priming import prime
+from metakit.experiments.report import (
+    environment,
+    render_report,
+    save_predictions,
+    write_json,
+)
+from metakit.experiments.settings import SETTINGS, Setting
+from metakit.tasks.metrics import entity_f1
+from metakit.tasks.ner import encode_ner, make_collator, model_inputs, truncated_count
+from metakit.tasks.wikiann import WIKIANN_LABELS, load_wikiann
+
+__all__ = ["Experiment"]
+
+#: Data sub-samples use this seed for every run seed, so seeds differ in initialisation and order only.
+DATA_SEED = 0
+_IGNORED = "checkpoints/\ntensorboard/\n*.tmp\n"
+
+
+class Experiment:
+    """The priming experiment on one output folder.
+
+    Args:
+        config: what to run.
+        out_dir: where results, predictions, logs and checkpoints go.
+        resume: continue a folder that already holds results (same config fingerprint required).
+
+    Example:
+        >>> Experiment(load_config("tiny"), "runs/tiny").run()  # doctest: +SKIP
+    """
+
+    def __init__(self, config: ExperimentConfig, out_dir: str | Path, resume: bool = False):
+        self.config, self.out = config, Path(out_dir)
+        self.results_path = self.out / "results.json"
+        self.results = self._open(resume)
+
+    # -- the output folder -------------------------------------------------------------------------
+    def _open(self, resume: bool) -> dict[str, Any]:
+        config_path = self.out / "config.json"
+        if config_path.is_file():
+            if not resume:
+                raise FileExistsError(
+                    f"{str(self.out)!r} already holds an experiment; pass --resume to continue it or choose "
+                    "another --out."
+                )
+            saved = json.loads(config_path.read_text(encoding="utf-8"))
+            if saved["fingerprint"] != self.config.fingerprint():
+                mine = self.config.to_dict()
+                changed = sorted(
+                    k for k, v in saved["config"].items() if k not in SELECTION_KEYS and mine.get(k) != v
+                )
+                raise ValueError(
+                    f"Cannot resume {str(self.out)!r}: it was run with a different config (keys that differ: "
+                    f"{changed}). Use the same preset, file and flags, or another --out."
+                )
+            if self.results_path.is_file():
+                return json.loads(self.results_path.read_text(encoding="utf-8"))
+        self.out.mkdir(parents=True, exist_ok=True)
+        (self.out / ".gitignore").write_text(_IGNORED, encoding="utf-8")
+        write_json(config_path, {"fingerprint": self.config.fingerprint(), "config": self.config.to_dict()})
+        return {"units": [], "priming": {}, "elapsed_seconds": 0.0}
+
+    def done(self, setting: int, lang: str, seed: int) -> bool:
+        """Whether the unit has a result on disk."""
+        return any(
+            (u["setting"], u["lang"], u["seed"]) == (setting, lang, seed) for u in self.results["units"]
+        )
+
+    def _save(self) -> None:
+        self.results["config"] = self.config.to_dict()
+        self.results["environment"] = environment()
+        write_json(self.results_path, self.results)
+        (self.out / "table.md").write_text(render_report(self.results), encoding="utf-8")
+
+    # -- data ----------------------------------------------------------------------------------------
+    def _load_data(self) -> None:
+        from datasets.utils.logging import disable_progress_bar
+
+        disable_progress_bar()  # one bar per tiny map() drowns the experiment's own progress bars
+        c = self.config
+        take = {"source": c.source_sentences, "train": c.target_sentences, "test": c.test_sentences}
+        raw_sources = {
+            lang: load_wikiann(lang, "train", c.data_dir, max_sentences=take["source"], seed=DATA_SEED)
+            for lang in c.sources
+        }
+        raw_train = {
+            lang: load_wikiann(lang, "train", c.data_dir, max_sentences=take["train"], seed=DATA_SEED)
+            for lang in c.targets
+        }
+        raw_test = {
+            lang: load_wikiann(lang, "test", c.data_dir, max_sentences=take["test"], seed=DATA_SEED)
+            for lang in c.targets
+        }
+        words = (
+            w
+            for group in (raw_sources, raw_train, raw_test)
+            for ds in group.values()
+            for s in ds["tokens"]
+            for w in s
+        )
+        self.backbone = Backbone(c, tiny_words=words if c.model == "tiny" else ())
+        tokenizer = self.backbone.tokenizer
+        self.collator = make_collator(tokenizer)
+
+        def encode(group: dict[str, Dataset], split: str) -> dict[str, Dataset]:
+            encoded = {lang: encode_ner(ds, tokenizer, c.max_length) for lang, ds in group.items()}
+            for lang, ds in encoded.items():
+                self.results.setdefault("truncated", {})[f"{split}-{lang}"] = {
+                    "sentences": len(ds),
+                    "truncated": truncated_count(ds),
+                }
+            return encoded
+
+        self.sources = encode(raw_sources, "source")
+        self.train = encode(raw_train, "train")
+        self.test = encode(raw_test, "test")
+        cut = {k: v["truncated"] for k, v in self.results["truncated"].items() if v["truncated"]}
+        if cut:
+            tqdm.write(f"Sentences truncated to max_length={c.max_length} sub-words: {cut}")
+
+    # -- running ---------------------------------------------------------------------------------------
+    def run(self) -> dict[str, Any]:
+        """Run every unfinished unit; returns the results dict (also in ``results.json``)."""
+        c = self.config
+        if c.threads:
+            torch.set_num_threads(c.threads)
+        began = time.perf_counter()
+        units = [(s, lang, seed) for seed in c.seeds for s in c.settings for lang in c.targets]
+        todo = [u for u in units if not self.done(*u)]
+        if not todo:
+            tqdm.write(f"All {len(units)} units are finished in {self.out}.")
+            self._save()
+            return self.results
+        self._load_data()
+        self._pristine: dict[tuple[str, str], list[torch.Tensor]] = {}
+        with tqdm(total=len(units), initial=len(units) - len(todo), desc="units", unit="unit") as bar:
+            for seed in c.seeds:
+                for number in c.settings:
+                    langs = [lang for lang in c.targets if not self.done(number, lang, seed)]
+                    if not langs:
+                        continue
+                    setting = SETTINGS[number]
+                    try:
+                        state = self._primed(setting, seed) if setting.priming else None
+                    except FloatingPointError as error:  # e.g. InnerLossError: the other units still run
+                        tqdm.write(f"Priming s{number} seed {seed} failed, its units are skipped: {error}")
+                        self.results.setdefault("failed", {})[f"s{number}-seed{seed}"] = str(error)
+                        self._save()
+                        bar.update(len(langs))
+                        continue
+                    for lang in langs:
+                        bar.set_postfix(setting=number, lang=lang, seed=seed)
+                        unit = self._unit(setting, lang, seed, state)
+                        self.results["units"].append(unit)
+                        self.results["elapsed_seconds"] += unit["seconds"]
+                        self._save()
+                        bar.update(1)
+        wall = time.perf_counter() - began
+        self.results.setdefault("invocations", []).append({"wall_seconds": wall, "units": len(todo)})
+        self._save()
+        tqdm.write(f"Finished in {wall:.0f} s; table: {self.out / 'table.md'}")
+        return self.results
+
+    def _primed(self, setting: Setting, seed: int) -> dict[str, torch.Tensor]:
+        """The primed model's trained tensors for (setting, seed), priming (or resuming it) if needed."""
+        key = f"s{setting.number}-seed{seed}"
+        folder = self.out / "checkpoints" / f"prime-{key}"
+        primed = folder / "primed.pt"
+        if primed.is_file():
+            return torch.load(primed, weights_only=True)
+        tagger, groups = self.backbone.build(setting, seed)
+        info = prime(
+            tagger,
+            groups,
+            setting,
+            self.config,
+            self.sources,
+            self.backbone.tokenizer,
+            seed,
+            checkpoint_dir=folder,
+            log_dir=self.out / "tensorboard" / f"prime-{key}",
+        )
+        state = trainable_state(tagger, groups.backbone | groups.adapter | groups.head)
+        torch.save(state, primed)
+        self.results["priming"][key] = info
+        self.results["elapsed_seconds"] += info["seconds"]
+        self._save()
+        return state
+
+    def _features(
+        self, tagger, setting: Setting, lang: str, split: str, encoded: Dataset
+    ) -> list[torch.Tensor]:
+        # The unprimed encoder gives the same features to settings 2 and 3 and to every seed.
+        key = (lang, split)
+        if setting.priming is None and key in self._pristine:
+            return self._pristine[key]
+        features = sentence_features(
+            tagger, model_inputs(encoded), self.collator, self.config.eval_batch_size
+        )
+        if setting.priming is None:
+            self._pristine[key] = features
+        return features
+
+    def _unit(self, setting: Setting, lang: str, seed: int, state: dict | None) -> dict[str, Any]:
+        c, began = self.config, time.perf_counter()
+        tagger, groups = self.backbone.build(setting, seed, state=state)
+        tuned = groups.tuned(setting)
+        cache = c.cache_features and setting.tune != "full"
+        train_features = self._features(tagger, setting, lang, "train", self.train[lang]) if cache else None
+        test_features = self._features(tagger, setting, lang, "test", self.test[lang]) if cache else None
+        writer = SummaryWriter(str(self.out / "tensorboard" / f"ft-s{setting.number}-{lang}-seed{seed}"))
+        try:
+            info = finetune(
+                tagger,
+                tuned,
+                model_inputs(self.train[lang]),
+                self.collator,
+                epochs=c.ft_epochs_full if setting.tune == "full" and c.ft_epochs_full else c.ft_epochs,
+                batch_size=c.ft_batch_size,
+                lr=c.ft_lr_full if setting.tune == "full" else c.ft_lr_pe,
+                seed=seed,
+                features=train_features,
+                writer=writer,
+                desc=f"s{setting.number} {lang} seed {seed}",
+            )
+            predicted = predict(
+                tagger, self.test[lang], self.collator, c.eval_batch_size, features=test_features
+            )
+            gold = [[WIKIANN_LABELS[i] for i in tags] for tags in self.test[lang]["ner_tags"]]
+            f1 = entity_f1(gold, predicted)
+            writer.add_scalar("test/f1", f1, info["steps"])
+        finally:
+            writer.close()
+        path = self.out / "runs" / f"s{setting.number}-seed{seed}" / f"predictions-{lang}.jsonl"
+        save_predictions(path, self.test[lang]["tokens"], gold, predicted)
+        return {
+            "setting": setting.number,
+            "name": setting.name,
+            "lang": lang,
+            "seed": seed,
+            "f1": f1,
+            "test_sentences": len(gold),
+            "fraction_updated": fraction(tagger, tuned),
+            "ft_steps": info["steps"],
+            "ft_final_loss": info["final_loss"],
+            "seconds": time.perf_counter() - began,
+            "predictions": str(path.relative_to(self.out)),
+        }
