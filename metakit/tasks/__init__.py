@@ -1,32 +1,42 @@
-"""Task samplers and data: sine regression, cross-lingual NER on WikiAnn."""
+"""Task samplers and data: sine regression, cross-lingual NER on WikiAnn.
 
-from metakit.tasks.metrics import entity_f1, word_predictions
-from metakit.tasks.ner import (
-    EpisodeSampler,
-    align_labels,
-    batches,
-    encode_ner,
-    make_collator,
-    truncated_count,
-)
+The NER parts pull in ``datasets`` and ``seqeval`` (seconds to import), so they load on first use:
+``metakit.tasks.load_wikiann`` works as usual, ``import metakit`` stays fast.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
 from metakit.tasks.sine import SineTasks, mse_loss, sine_mlp
-from metakit.tasks.wikiann import WIKIANN_LABELS, load_wikiann, read_wikiann_tsv, subsample, wikiann_features
 
-__all__ = [
-    "WIKIANN_LABELS",
-    "EpisodeSampler",
-    "SineTasks",
-    "align_labels",
-    "batches",
-    "encode_ner",
-    "entity_f1",
-    "load_wikiann",
-    "make_collator",
-    "mse_loss",
-    "read_wikiann_tsv",
-    "sine_mlp",
-    "subsample",
-    "truncated_count",
-    "wikiann_features",
-    "word_predictions",
-]
+_LAZY = {
+    "entity_f1": "metakit.tasks.metrics",
+    "word_predictions": "metakit.tasks.metrics",
+    "EpisodeSampler": "metakit.tasks.ner",
+    "align_labels": "metakit.tasks.ner",
+    "batches": "metakit.tasks.ner",
+    "encode_ner": "metakit.tasks.ner",
+    "make_collator": "metakit.tasks.ner",
+    "truncated_count": "metakit.tasks.ner",
+    "WIKIANN_LABELS": "metakit.tasks.wikiann",
+    "load_wikiann": "metakit.tasks.wikiann",
+    "read_wikiann_tsv": "metakit.tasks.wikiann",
+    "subsample": "metakit.tasks.wikiann",
+    "wikiann_features": "metakit.tasks.wikiann",
+}
+
+__all__ = ["SineTasks", "mse_loss", "sine_mlp", *_LAZY]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'metakit.tasks' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)
