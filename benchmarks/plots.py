@@ -10,6 +10,7 @@ import matplotlib.pyplot as plt
 from matplotlib.ticker import FormatStrFormatter, LogLocator, NullFormatter
 
 from benchmarks.grid import GROUPS
+from benchmarks.report import memory_column
 from benchmarks.strategies import STRATEGIES, strategy_label
 
 __all__ = ["write_plots"]
@@ -184,14 +185,7 @@ def write_plots(records: Sequence[dict], out_dir: Path, device: str) -> list[Pat
         by_workload = {k: v for k, v in by_workload.items() if k not in sizes or k == "bert"}
     if not by_workload:
         return []
-    memory_key, memory_name = (
-        ("cuda_peak_mib", "CUDA allocated")
-        if device == "cuda"
-        else (
-            "peak_rss_increase_mib",
-            "RSS increase",
-        )
-    )
+    memory_key, memory_name = memory_column(device)
     paths = [out_dir / "time_vs_steps.png", out_dir / "memory_vs_steps.png", out_dir / "fidelity_vs_cost.png"]
     _time_vs_steps(by_workload, paths[0])
     _memory_vs_steps(by_workload, paths[1], memory_key, memory_name)

@@ -49,17 +49,17 @@ def _row(record: dict, memory_key: str) -> list[str]:
     ]
 
 
+def memory_column(device: str) -> tuple[str, str]:
+    """The record key and label of the peak-memory measure on ``device``."""
+    return (
+        ("cuda_peak_mib", "CUDA allocated") if device == "cuda" else ("peak_rss_increase_mib", "RSS increase")
+    )
+
+
 def markdown_table(records: Sequence[dict]) -> str:
     """One row per configuration; failed configurations show their status in bold."""
     device = records[0]["config"]["device"] if records else "cpu"
-    memory_key, memory_name = (
-        ("cuda_peak_mib", "CUDA allocated")
-        if device == "cuda"
-        else (
-            "peak_rss_increase_mib",
-            "RSS increase",
-        )
-    )
+    memory_key, memory_name = memory_column(device)
     header = [column.format(memory=memory_name) for column in _COLUMNS]
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     lines += ["| " + " | ".join(_row(record, memory_key)) + " |" for record in records]
