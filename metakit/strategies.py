@@ -107,6 +107,7 @@ class Strategy:
     supports_learned_lr = True
 
     def differentiable_steps(self, steps: int) -> int:
+        """How many of the last ``steps`` inner steps the meta-gradient goes through."""
         raise NotImplementedError
 
     def task_gradient(self, problem: TaskProblem) -> TaskGradient:
@@ -173,9 +174,6 @@ class Reptile(Strategy):
     supports_outer_only = False
     supports_learned_lr = False
 
-    def differentiable_steps(self, steps: int) -> int:
-        return 0
-
     def task_gradient(self, problem: TaskProblem) -> TaskGradient:
         adapted = problem.adapt(differentiable_steps=0)
         with torch.no_grad():
@@ -211,9 +209,6 @@ class Implicit(Strategy):
 
     def __repr__(self) -> str:
         return f"Implicit(lam={self.lam}, cg_steps={self.cg_steps})"
-
-    def differentiable_steps(self, steps: int) -> int:
-        return 0
 
     def task_gradient(self, problem: TaskProblem) -> TaskGradient:
         inner_names = list(problem.start)
