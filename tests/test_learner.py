@@ -426,24 +426,25 @@ def test_task_with_its_own_loss():
 
 
 # -- bad input -------------------------------------------------------------------------------------
-def test_empty_inner_spec_names_the_spec_and_real_names():
-    with pytest.raises(ValueError, match=r"inner spec select\('nope\.\*'\) matches no parameter.*'0.weight'"):
+@pytest.mark.parametrize(
+    ("inner", "outer", "message"),
+    [
+        (
+            mk.select("nope.*"),
+            mk.everything(),
+            r"inner spec select\('nope\.\*'\) matches no parameter.*'0.weight'",
+        ),
+        (mk.everything(), mk.nothing(), r"outer spec nothing\(\) matches no parameter"),
+    ],
+    ids=["empty-inner", "empty-outer"],
+)
+def test_empty_spec_names_the_spec_and_real_names(inner, outer, message):
+    with pytest.raises(ValueError, match=message):
         mk.MetaLearner(
             small_mlp(),
             mse_loss,
-            inner=mk.InnerLoop(mk.select("nope.*"), torchopt.sgd(lr=0.1), 1),
-            outer_params=mk.everything(),
-            strategy=mk.SecondOrder(),
-        )
-
-
-def test_empty_outer_spec():
-    with pytest.raises(ValueError, match=r"outer spec nothing\(\) matches no parameter"):
-        mk.MetaLearner(
-            small_mlp(),
-            mse_loss,
-            inner=mk.InnerLoop(mk.everything(), torchopt.sgd(lr=0.1), 1),
-            outer_params=mk.nothing(),
+            inner=mk.InnerLoop(inner, torchopt.sgd(lr=0.1), 1),
+            outer_params=outer,
             strategy=mk.SecondOrder(),
         )
 
