@@ -1,32 +1,42 @@
 """metakit: higher-order-gradient meta-learning for PyTorch.
 
 Compose a meta-learner from a model, a loss, an :class:`InnerLoop`, the outer parameters (a
-:class:`Spec`) and a :class:`Strategy`; see ``DESIGN.md`` for the architecture.
+:class:`Spec`) and a :class:`Strategy`; ``docs/architecture.md`` describes the architecture.
 """
 
 from metakit import tasks
 from metakit.functional import bind, double_backward_safe
+from metakit.implicit import ImplicitResidualError, ImplicitResidualWarning
 from metakit.inner import InnerLoop, InnerLossError
+from metakit.lean import ForwardModeError
 from metakit.learner import MetaLearner, MetaStepResult
+from metakit.problem import Partition, TaskGradient, TaskProblem
 from metakit.spec import Spec, combine, everything, explain, module_type, nothing, regex, select
-from metakit.strategies import FirstOrder, Implicit, Reptile, SecondOrder, Strategy, Truncated
+from metakit.strategies import FirstOrder, Implicit, Reptile, SecondOrder, Strategy, Truncated, Unrolled
 from metakit.task import Task
 
 __version__ = "0.1.0"
 
 __all__ = [
     "FirstOrder",
+    "ForwardModeError",
     "Implicit",
+    "ImplicitResidualError",
+    "ImplicitResidualWarning",
     "InnerLoop",
     "InnerLossError",
     "MetaLearner",
     "MetaStepResult",
+    "Partition",
     "Reptile",
     "SecondOrder",
     "Spec",
     "Strategy",
     "Task",
+    "TaskGradient",
+    "TaskProblem",
     "Truncated",
+    "Unrolled",
     "bind",
     "combine",
     "double_backward_safe",

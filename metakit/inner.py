@@ -1,4 +1,15 @@
-"""The inner loop: how one task adapts its parameters with a TorchOpt functional optimizer."""
+"""The inner loop: how one task adapts its parameters with a TorchOpt functional optimizer.
+
+The surface is per step, so that a strategy can drive, wrap or recompute steps:
+
+- :meth:`InnerLoop.init` makes the optimizer state for the inner parameters;
+- :meth:`InnerLoop.step` is one update: the support loss, its gradient, the optimizer's update;
+- :meth:`InnerLoop.adapt` is the whole loop, ``steps`` updates, with a trace of the support loss.
+
+Every step evaluates an *objective*, ``objective(params, batch) -> scalar``, over one flat dict that
+holds the inner parameters and the context (the other parameters the forward needs);
+:func:`model_objective` makes one from a module and a ``loss_fn(forward, batch)``.
+"""
 
 from __future__ import annotations
 
@@ -14,31 +25,63 @@ from metakit.functional import bind, double_backward_safe
 from metakit.spec import Spec
 from metakit.task import LossFn
 
-__all__ = ["AdaptedParams", "InnerLoop", "InnerLossError", "check_scalar_loss"]
+__all__ = [
+    "Adaptation",
+    "AdaptedParams",
+    "InnerLoop",
+    "InnerLossError",
+    "Objective",
+    "check_scalar_loss",
+    "model_objective",
+]
 
 Params = dict[str, torch.Tensor]
+#: ``objective(params, batch) -> scalar``: the loss of the model run on ``params`` (inner ∪ context).
+Objective = Callable[[Mapping[str, torch.Tensor], Any], torch.Tensor]
+#: ``regularizer(inner_params) -> scalar``: a term added to the differentiated loss, not to the trace.
+Regularizer = Callable[[Params], torch.Tensor]
 
 
 class InnerLossError(FloatingPointError):
     """The support loss became NaN or infinite during the inner loop."""
 
 
+def model_objective(model: torch.nn.Module, loss_fn: LossFn) -> Objective:
+    """``objective(params, batch) = loss_fn(bind(model, params), batch)``.
+
+    Example:
+        >>> objective = mk.inner.model_objective(model, mk.tasks.mse_loss)  # doctest: +SKIP
+        >>> objective(dict(model.named_parameters()), task.support)  # doctest: +SKIP
+    """
+
+    def objective(params: Mapping[str, torch.Tensor], batch: Any) -> torch.Tensor:
+        return loss_fn(bind(model, params, check_names=False), batch)
+
+    return objective
+
+
 @dataclass
-class AdaptedParams:
-    """What one run of the inner loop produced.
+class Adaptation:
+    """What one run of :meth:`InnerLoop.adapt` produced.
 
     Attributes:
         params: the adapted inner parameters after the last step (carrying autograd history
-            through the differentiable steps, if any).
-        anchor: the leaf tensors where the differentiable segment starts (``params`` itself when no
+            through the differentiated steps, if any).
+        anchor: the leaf tensors where the differentiated segment starts (``params`` itself when no
             step is differentiated). The meta-gradient of a parameter in inner ∩ outer is the
-            gradient with respect to its anchor: the steps before it are treated as identity.
+            gradient with respect to its anchor: the steps before it count as identity.
         losses: support loss before each step and after the last, shape ``[steps + 1]``, detached.
+        state: the optimizer state after the last step.
     """
 
     params: Params
     anchor: Params
     losses: torch.Tensor
+    state: Any = None
+
+
+#: Deprecated alias of :class:`Adaptation` (the name before the per-step inner loop).
+AdaptedParams = Adaptation
 
 
 class InnerLoop:
@@ -80,76 +123,174 @@ class InnerLoop:
         extra = ", learn_lr=True" if self.learn_lr else ""
         return f"InnerLoop(params={self.params!r}, steps={self.steps}{extra})"
 
-    def run(
+    # -- one step ---------------------------------------------------------------------------------
+    def init(self, params: Mapping[str, torch.Tensor]) -> Any:
+        """The optimizer state for ``params`` (the inner parameters, by name)."""
+        return self.optimizer.init(dict(params))
+
+    def update(
         self,
-        model: torch.nn.Module,
-        loss_fn: LossFn,
+        grads: Mapping[str, torch.Tensor],
+        state: Any,
+        params: Mapping[str, torch.Tensor],
+        lr_scales: Mapping[str, torch.Tensor] | None = None,
+    ) -> tuple[Params, Any]:
+        """Apply the optimizer to ``grads``: ``(new params, new state)``, differentiable, no mutation."""
+        params = dict(params)
+        updates, state = self.optimizer.update(dict(grads), state, params=params, inplace=False)
+        if lr_scales is not None:
+            updates = {name: update * lr_scales[name] for name, update in updates.items()}
+        return torchopt.apply_updates(params, updates, inplace=False), state
+
+    def gradient(
+        self,
+        params: Mapping[str, torch.Tensor],
         batch: Any,
-        start: Mapping[str, torch.Tensor],
         context: Mapping[str, torch.Tensor],
         *,
-        differentiable_steps: int,
+        objective: Objective,
+        create_graph: bool = False,
+        regularizer: Regularizer | None = None,
+        where: str = "support loss",
+    ) -> tuple[Params, torch.Tensor]:
+        """The gradient of the support loss (plus ``regularizer``) at ``params``: ``(grads, loss)``.
+
+        ``loss`` is the support loss without the regularizer, not detached.
+        """
+        params = dict(params)
+        with double_backward_safe(create_graph):
+            loss = objective({**context, **params}, batch)
+        check_scalar_loss(loss, where)
+        total = loss + regularizer(params) if regularizer is not None else loss
+        grads = torch.autograd.grad(total, tuple(params.values()), create_graph=create_graph)
+        return dict(zip(params, grads, strict=True)), loss
+
+    def step(
+        self,
+        params: Mapping[str, torch.Tensor],
+        state: Any,
+        batch: Any,
+        context: Mapping[str, torch.Tensor],
+        *,
+        create_graph: bool,
+        objective: Objective,
         lr_scales: Mapping[str, torch.Tensor] | None = None,
-        task_index: int = 0,
-        regularizer: Callable[[Params], torch.Tensor] | None = None,
-    ) -> AdaptedParams:
-        """Adapt ``start`` on ``batch``; the last ``differentiable_steps`` steps keep their graph.
+        regularizer: Regularizer | None = None,
+        where: str = "support loss",
+    ) -> tuple[Params, Any, torch.Tensor]:
+        """One update of the inner parameters on ``batch``: ``(new params, new state, loss)``.
 
         Args:
-            model: the module the parameter names refer to.
-            loss_fn: ``loss_fn(forward, batch) -> scalar``.
+            params: the inner parameters, by name; they must require grad.
+            state: the optimizer state (from :meth:`init` or the previous step).
             batch: the support batch.
-            start: initial values of the inner parameters (the learner's current values).
-            context: the other parameters the forward needs, as live tensors; the steps that are
-                not differentiated see them detached, so no graph is built through them.
+            context: the other parameters the forward needs.
+            create_graph: keep the graph of the gradient, so the step can be differentiated
+                (second order); otherwise the inner gradient is a constant.
+            objective: ``objective({**context, **params}, batch) -> scalar``
+                (:func:`model_objective`).
+            lr_scales: MetaSGD scales, one tensor per inner parameter.
+            regularizer: a term added to the differentiated loss (iMAML's proximal term), not to
+                the returned loss.
+            where: names the loss in error messages.
+
+        Returns:
+            The updated parameters, the new state and the loss before the update (not detached).
+        """
+        grads, loss = self.gradient(
+            params,
+            batch,
+            context,
+            objective=objective,
+            create_graph=create_graph,
+            regularizer=regularizer,
+            where=where,
+        )
+        new_params, state = self.update(grads, state, params, lr_scales)
+        return new_params, state, loss
+
+    # -- the whole loop ---------------------------------------------------------------------------
+    def adapt(
+        self,
+        params: Mapping[str, torch.Tensor],
+        batch: Any,
+        context: Mapping[str, torch.Tensor],
+        *,
+        objective: Objective,
+        differentiable_steps: int = 0,
+        lr_scales: Mapping[str, torch.Tensor] | None = None,
+        regularizer: Regularizer | None = None,
+        task_index: int = 0,
+        trace_final: bool = True,
+    ) -> Adaptation:
+        """Adapt ``params`` on ``batch`` for ``steps`` steps; the last ``differentiable_steps`` keep their graph.
+
+        The steps before the differentiated segment see fresh leaves and a detached context, so no
+        graph is built through them.
+
+        Args:
+            params: initial values of the inner parameters (the learner's current values).
+            batch: the support batch.
+            context: the other parameters the forward needs, as live tensors.
+            objective: ``objective(params, batch) -> scalar`` (:func:`model_objective`).
             differentiable_steps: how many of the last steps are differentiated (0: first order).
             lr_scales: MetaSGD scales, one tensor per inner parameter, or ``None``.
+            regularizer: added to the differentiated loss, not to the trace.
             task_index: used in error messages.
-            regularizer: a term added to the loss that is differentiated (e.g. iMAML's proximal
-                term), but not to the recorded losses.
+            trace_final: also record the support loss after the last step (one more forward,
+                without a graph); otherwise the trace's last entry is NaN.
         """
         steps = self.steps
-        first_differentiable = steps - min(differentiable_steps, steps)
+        first_differentiable = steps - min(max(differentiable_steps, 0), steps)
         detached_context = {name: value.detach() for name, value in context.items()}
         losses: list[torch.Tensor] = []
-        # Between non-differentiated steps the params are fresh leaves, so whichever step starts the
-        # differentiated segment finds its anchor there.
-        params = _fresh_leaves(start)
-        state = self.optimizer.init(params)
-        anchor = params
+        current = fresh_leaves(params)
+        state = self.init(current)
+        anchor = current
         for step in range(steps):
             differentiable = step >= first_differentiable
             if step == first_differentiable:
-                anchor = params
-            forward = bind(
-                model, {**(context if differentiable else detached_context), **params}, check_names=False
+                anchor = current
+            current, state, loss = self.step(
+                current,
+                state,
+                batch,
+                context if differentiable else detached_context,
+                create_graph=differentiable,
+                objective=objective,
+                lr_scales=lr_scales,
+                regularizer=regularizer,
+                where=f"support loss of task {task_index} at inner step {step}",
             )
-            with double_backward_safe(differentiable):
-                loss = loss_fn(forward, batch)
-            check_scalar_loss(loss, f"support loss of task {task_index} at inner step {step}")
             losses.append(loss.detach())
-            if regularizer is not None:
-                loss = loss + regularizer(params)
-            grads = torch.autograd.grad(loss, tuple(params.values()), create_graph=differentiable)
-            grads_by_name = dict(zip(params, grads, strict=True))
-            updates, state = self.optimizer.update(grads_by_name, state, params=params, inplace=False)
-            if lr_scales is not None:
-                updates = {name: update * lr_scales[name] for name, update in updates.items()}
-            params = torchopt.apply_updates(params, updates, inplace=False)
             if not differentiable:
-                params = _fresh_leaves(params)
+                current = fresh_leaves(current)
         if first_differentiable == steps:
-            anchor = params
-        with torch.no_grad():
-            losses.append(
-                loss_fn(bind(model, {**detached_context, **params}, check_names=False), batch).detach()
-            )
+            anchor = current
+        losses.append(
+            self.final_loss(current, batch, detached_context, objective)
+            if trace_final
+            else torch.full_like(losses[0], float("nan"))
+        )
         trace = torch.stack(losses)
-        _check_finite(trace, task_index)
-        return AdaptedParams(params=params, anchor=anchor, losses=trace)
+        check_finite_trace(trace if trace_final else trace[:-1], task_index, has_final=trace_final)
+        return Adaptation(params=current, anchor=anchor, losses=trace, state=state)
+
+    @staticmethod
+    def final_loss(
+        params: Mapping[str, torch.Tensor],
+        batch: Any,
+        context: Mapping[str, torch.Tensor],
+        objective: Objective,
+    ) -> torch.Tensor:
+        """The support loss at ``params``, without a graph (the trace's last entry)."""
+        with torch.no_grad():
+            detached = {name: value.detach() for name, value in params.items()}
+            return objective({**context, **detached}, batch).detach()
 
 
-def _fresh_leaves(params: Mapping[str, torch.Tensor]) -> Params:
+def fresh_leaves(params: Mapping[str, torch.Tensor]) -> Params:
+    """Detached copies of ``params`` that require grad: the start of a new graph."""
     return {name: value.detach().requires_grad_(True) for name, value in params.items()}
 
 
@@ -168,11 +309,16 @@ def check_scalar_loss(loss: Any, what: str) -> None:
         raise ValueError(f"The {what} must be a floating-point scalar, got dtype {loss.dtype}.")
 
 
-def _check_finite(trace: torch.Tensor, task_index: int) -> None:
+def check_finite_trace(trace: torch.Tensor, task_index: int, *, has_final: bool = True) -> None:
+    """Raise :class:`InnerLossError` at the first non-finite support loss of ``trace``.
+
+    ``trace`` holds the loss before each step, then (``has_final``) the loss after the last one.
+    """
     bad = ~torch.isfinite(trace)
     if bool(bad.any()):
         step = int(bad.nonzero()[0, 0])
-        where = f"after the last step ({step - 1})" if step == len(trace) - 1 else f"at inner step {step}"
+        last = has_final and step == len(trace) - 1
+        where = f"after the last step ({step - 1})" if last else f"at inner step {step}"
         raise InnerLossError(
             f"The support loss of task {task_index} is {trace[step].item()} {where} "
             f"(losses so far: {trace[: step + 1].tolist()}). Lower the inner learning rate, clip the "

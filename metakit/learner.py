@@ -10,8 +10,9 @@ import torch
 from torch import nn
 
 from metakit.inner import InnerLoop
+from metakit.problem import Partition, TaskGradient, TaskProblem
 from metakit.spec import Spec, require_nonempty
-from metakit.strategies import Strategy, TaskGradient, TaskProblem
+from metakit.strategies import Strategy
 from metakit.task import LossFn, Task
 
 __all__ = ["MetaLearner", "MetaStepResult"]
@@ -29,12 +30,15 @@ class MetaStepResult:
         query_losses: each task's query loss, ``[n_tasks]``.
         grad_norms: L2 norm of the meta-gradient per group: ``"shared"`` (inner ∩ outer),
             ``"outer_only"``, ``"inner_lr"`` (MetaSGD scales), and ``"total"``.
+        diagnostics: per-task measurements a strategy reports, by name, each ``[n_tasks]``
+            (:class:`Implicit`: ``"optimality_residual"``, ``"cg_residual"``, ``"inner_steps"``).
     """
 
     loss: torch.Tensor
     inner_losses: torch.Tensor
     query_losses: torch.Tensor
     grad_norms: dict[str, float] = field(default_factory=dict)
+    diagnostics: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 class MetaLearner:
@@ -161,16 +165,13 @@ class MetaLearner:
         """
         tasks = self._check_tasks(tasks)
         params = dict(self.model.named_parameters())
-        groups = self._groups(params)
+        partition = self._partition(params)
         lr_scales = {self._lr_names[k]: v for k, v in self.lr_scales.items()} or None
         total: dict[str, torch.Tensor] = {}
         total_lr: dict[str, torch.Tensor] = {}
         outcomes: list[TaskGradient] = []
         for index, task in enumerate(tasks):
-            problem = TaskProblem(
-                self.model, self._loss_for(task, index), self.inner, task, index, *groups, lr_scales=lr_scales
-            )
-            outcome = self.strategy.task_gradient(problem)
+            outcome = self.strategy.task_gradient(self._problem(task, index, partition, lr_scales))
             _accumulate(total, outcome.grads, len(tasks))
             _accumulate(total_lr, outcome.lr_grads, len(tasks))
             outcome.grads = outcome.lr_grads = {}
@@ -188,6 +189,7 @@ class MetaLearner:
             inner_losses=torch.stack([o.inner_losses for o in outcomes]),
             query_losses=query_losses,
             grad_norms=self._grad_norms(total, total_lr),
+            diagnostics=_stack_diagnostics(outcomes),
         )
         logger = logger if logger is not None else self.logger
         if logger is not None:
@@ -201,31 +203,33 @@ class MetaLearner:
         The result is a detached ``{name: tensor}`` dict of the inner parameters; run the adapted
         model with ``metakit.bind(model, learner.adapt(task))(...)``.
         """
-        batch = task_or_batch.support if isinstance(task_or_batch, Task) else task_or_batch
-        task = task_or_batch if isinstance(task_or_batch, Task) else Task(batch, None)
-        params = dict(self.model.named_parameters())
-        shared, inner_only, outer_only, frozen = self._groups(params)
+        task = task_or_batch if isinstance(task_or_batch, Task) else Task(task_or_batch, None)
+        params = {name: value.detach() for name, value in self.model.named_parameters()}
         lr_scales = {self._lr_names[k]: v.detach() for k, v in self.lr_scales.items()} or None
+        problem = self._problem(task, 0, self._partition(params), lr_scales)
         with torch.enable_grad():  # inner gradients are needed even when evaluating under no_grad()
-            adapted = self.inner.run(
-                self.model,
-                self._loss_for(task, 0),
-                batch,
-                {**shared, **inner_only},
-                {**outer_only, **frozen},
-                differentiable_steps=0,
-                lr_scales=lr_scales,
-            )
+            adapted = problem.adapt(differentiable_steps=0)
         return {name: value.detach() for name, value in adapted.params.items()}
 
     # -- internals --------------------------------------------------------------------------------
-    def _groups(self, params: dict[str, torch.Tensor]) -> tuple[dict, dict, dict, dict]:
+    def _partition(self, params: dict[str, torch.Tensor]) -> Partition:
         named = set(self.shared_names) | set(self.inner_only_names) | set(self.outer_only_names)
-        return (
-            {n: params[n] for n in self.shared_names},
-            {n: params[n] for n in self.inner_only_names},
-            {n: params[n] for n in self.outer_only_names},
-            {n: p.detach() for n, p in params.items() if n not in named},
+        return Partition(
+            shared={n: params[n] for n in self.shared_names},
+            inner_only={n: params[n] for n in self.inner_only_names},
+            outer_only={n: params[n] for n in self.outer_only_names},
+            frozen={n: p.detach() for n, p in params.items() if n not in named},
+        )
+
+    def _problem(self, task: Task, index: int, partition: Partition, lr_scales) -> TaskProblem:
+        return TaskProblem(
+            model=self.model,
+            loss_fn=self._loss_for(task, index),
+            inner=self.inner,
+            task=task,
+            partition=partition,
+            index=index,
+            lr_scales=lr_scales,
         )
 
     def _check_tasks(self, tasks: Sequence[Task]) -> list[Task]:
@@ -272,6 +276,13 @@ def _accumulate(total: dict[str, torch.Tensor], grads: Mapping[str, torch.Tensor
     for name, grad in grads.items():
         grad = grad.detach() / n_tasks
         total[name] = total[name] + grad if name in total else grad
+
+
+def _stack_diagnostics(outcomes: Sequence[TaskGradient]) -> dict[str, torch.Tensor]:
+    names = [name for name in outcomes[0].diagnostics if all(name in o.diagnostics for o in outcomes)]
+    return {
+        name: torch.stack([torch.as_tensor(o.diagnostics[name]).detach() for o in outcomes]) for name in names
+    }
 
 
 def _check_finite_grads(grads: Mapping[str, torch.Tensor]) -> None:

@@ -70,7 +70,15 @@ def closed_form(strategy, w0, task, steps, lam=1.0):
     return torch.linalg.matrix_power(m, k) @ grad_at(w_s, task.query)
 
 
-STRATEGIES = [mk.SecondOrder(), mk.FirstOrder(), mk.Truncated(1), mk.Truncated(2), mk.Reptile()]
+STRATEGIES = [
+    mk.SecondOrder(),
+    mk.SecondOrder(hvp="forward"),
+    mk.SecondOrder(checkpoint=2),
+    mk.FirstOrder(),
+    mk.Truncated(1),
+    mk.Truncated(2),
+    mk.Reptile(),
+]
 
 
 @pytest.mark.parametrize("steps", [1, 3])

@@ -18,10 +18,14 @@ INNER_LR = 0.05
 def all_strategies():
     return [
         mk.SecondOrder(),
+        mk.SecondOrder(hvp="forward"),
+        mk.SecondOrder(checkpoint=1),
         mk.FirstOrder(),
         mk.Truncated(1),
         mk.Reptile(),
-        mk.Implicit(lam=1.0, cg_steps=5),
+        # Where the implicit gradient is meant to hold: the proximal inner problem solved to 1 %
+        # (the battery turns ImplicitResidualWarning into an error, so an unsolved problem fails).
+        mk.Implicit(lam=8.0, cg_steps=20, max_inner_steps=400, residual_tol=1e-2, strict=True),
     ]
 
 
@@ -30,15 +34,20 @@ def sine_tasks(n, dtype=torch.float32, seed=0):
 
 
 def small_mlp(dtype=torch.float32, seed=0):
+    # Smooth (tanh): second-order methods and the implicit solve are meant for smooth losses, and
+    # finite differences need them.
     torch.manual_seed(seed)
-    return sine_mlp(hidden=8).to(dtype)
+    return nn.Sequential(nn.Linear(1, 8), nn.Tanh(), nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 1)).to(dtype)
 
 
 def learner_for(model, strategy, steps=2, **kwargs):
+    # The implicit gradient needs the proximal inner problem solved: a smaller inner step keeps plain
+    # gradient descent on it stable (lr · (λ + curvature) < 2) as the meta-learned model sharpens.
+    lr = INNER_LR / 5 if isinstance(strategy, mk.Implicit) else INNER_LR
     return mk.MetaLearner(
         model,
         mse_loss,
-        inner=mk.InnerLoop(mk.everything(), torchopt.sgd(lr=INNER_LR), steps=steps),
+        inner=mk.InnerLoop(mk.everything(), torchopt.sgd(lr=lr), steps=steps),
         outer_params=mk.everything(),
         strategy=strategy,
         **kwargs,
@@ -83,9 +92,11 @@ class TestEveryStrategy:
         for g_batch, param in zip(batch, model.parameters(), strict=True):
             torch.testing.assert_close(g_batch * 3, param.grad, rtol=1e-5, atol=1e-6)
 
-    def test_decreases_post_adaptation_loss_after_outer_sgd_steps(self, strategy):
+    def test_decreases_post_adaptation_loss_after_outer_steps(self, strategy):
         # Reptile moves towards the support-adapted solutions, so it lowers the adapted support loss;
-        # the others lower the post-adaptation query loss they differentiate.
+        # the others lower the post-adaptation query loss they differentiate. A configuration where
+        # every method is meant to work (smooth model, solved implicit problem), with a wide margin:
+        # over seeds 0-4 and 1 or 2 threads the ratio is at most 0.66 against the 0.9 asserted.
         reptile = isinstance(strategy, mk.Reptile)
 
         def measured(result):
@@ -94,9 +105,9 @@ class TestEveryStrategy:
         model = small_mlp()
         learner = learner_for(model, strategy)
         tasks = sine_tasks(4)
-        optimizer = torch.optim.SGD(learner.outer_parameters(), lr=0.5 if reptile else 0.05)
+        optimizer = torch.optim.Adam(learner.outer_parameters(), lr=0.02)
         first = measured(learner.meta_step(tasks))
-        for _ in range(20):
+        for _ in range(30):
             optimizer.step()
             optimizer.zero_grad()
             last = measured(learner.meta_step(tasks))
@@ -528,7 +539,8 @@ def test_inner_adam_optimizer_runs_and_differs_from_sgd():
 
 
 def test_non_finite_meta_gradient_is_an_error_with_a_hint():
-    model = small_mlp()
+    torch.manual_seed(0)
+    model = sine_mlp(hidden=8)  # ReLU: dead units give exact-zero inner gradients
     learner = mk.MetaLearner(
         model,
         mse_loss,

@@ -67,4 +67,6 @@ def sine_mlp(hidden: int = 40, depth: int = 2) -> nn.Sequential:
 def mse_loss(forward, batch) -> torch.Tensor:
     """Mean squared error of ``forward(x)`` against ``y`` for a batch ``(x, y)``."""
     x, y = batch
-    return nn.functional.mse_loss(forward(x), y)
+    # Written out rather than F.mse_loss: the forward-mode derivative of mse_loss_backward fails in
+    # PyTorch ("ZeroTensors are immutable"), which SecondOrder(hvp="forward") needs.
+    return ((forward(x) - y) ** 2).mean()

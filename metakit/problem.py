@@ -1,0 +1,176 @@
+"""The strategy contract: the problem a strategy is given, the gradient it returns, its interface."""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from metakit.inner import Adaptation, InnerLoop, Objective, Regularizer, check_scalar_loss, model_objective
+from metakit.task import LossFn, Task
+
+__all__ = ["Partition", "Strategy", "TaskGradient", "TaskProblem", "detached", "gradients_by_name"]
+
+Params = dict[str, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class Partition:
+    """The model's parameters in four disjoint groups, by name.
+
+    Attributes:
+        shared: inner ∩ outer: adapted per task and meta-learned (live tensors).
+        inner_only: adapted per task, not meta-learned (Algorithm 1's task head; live tensors).
+        outer_only: meta-learned, fixed in the inner loop (priming's backbone; live tensors).
+        frozen: in neither set (detached).
+    """
+
+    shared: Params = field(default_factory=dict)
+    inner_only: Params = field(default_factory=dict)
+    outer_only: Params = field(default_factory=dict)
+    frozen: Params = field(default_factory=dict)
+
+    @property
+    def inner(self) -> Params:
+        """The parameters the inner loop adapts (shared, then inner-only)."""
+        return {**self.shared, **self.inner_only}
+
+    @property
+    def context(self) -> Params:
+        """The parameters the forward needs besides the inner ones."""
+        return {**self.outer_only, **self.frozen}
+
+
+@dataclass(kw_only=True)
+class TaskProblem:
+    """Everything a strategy needs to compute one task's meta-gradient.
+
+    Built by keyword: ``TaskProblem(model=..., loss_fn=..., inner=..., task=..., partition=...)``.
+
+    Attributes:
+        model: the module the parameter names refer to.
+        loss_fn: ``loss_fn(forward, batch) -> scalar`` for this task.
+        inner: the inner loop.
+        task: the task (support and query batches).
+        partition: the parameters, by role.
+        index: the task's position in the meta-batch (error messages).
+        lr_scales: MetaSGD scales by inner parameter name, or ``None``.
+        trace_final: record the support loss after the last inner step (one more forward).
+    """
+
+    model: nn.Module
+    loss_fn: LossFn
+    inner: InnerLoop
+    task: Task
+    partition: Partition
+    index: int = 0
+    lr_scales: Mapping[str, torch.Tensor] | None = None
+    trace_final: bool = True
+
+    @property
+    def start(self) -> Params:
+        """Initial values of the inner parameters (the learner's current values)."""
+        return self.partition.inner
+
+    @property
+    def context(self) -> Params:
+        """The non-inner parameters the forward needs."""
+        return self.partition.context
+
+    @property
+    def shared(self) -> Params:
+        """Parameters in inner ∩ outer."""
+        return self.partition.shared
+
+    @property
+    def outer_only(self) -> Params:
+        """Meta-learned parameters that the inner loop does not adapt."""
+        return self.partition.outer_only
+
+    @property
+    def objective(self) -> Objective:
+        """``objective(params, batch)``: the task's loss of the model run on ``params``."""
+        return model_objective(self.model, self.loss_fn)
+
+    def adapt(
+        self,
+        differentiable_steps: int = 0,
+        *,
+        start: Mapping[str, torch.Tensor] | None = None,
+        context: Mapping[str, torch.Tensor] | None = None,
+        regularizer: Regularizer | None = None,
+    ) -> Adaptation:
+        """Run the inner loop on the support batch from the learner's current values (or ``start``)."""
+        return self.inner.adapt(
+            self.start if start is None else start,
+            self.task.support,
+            self.context if context is None else context,
+            objective=self.objective,
+            differentiable_steps=differentiable_steps,
+            lr_scales=self.lr_scales,
+            regularizer=regularizer,
+            task_index=self.index,
+            trace_final=self.trace_final,
+        )
+
+    def query_loss(self, adapted: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """The query loss of the model with ``adapted`` inner parameters (differentiable)."""
+        loss = self.objective({**self.context, **adapted}, self.task.query)
+        check_scalar_loss(loss, f"query loss of task {self.index}")
+        return loss
+
+
+@dataclass
+class TaskGradient:
+    """One task's contribution: meta-gradients by outer name (and by MetaSGD scale name).
+
+    Attributes:
+        query_loss: the task's post-adaptation query loss (detached).
+        inner_losses: the support-loss trace, ``[steps + 1]``.
+        grads: meta-gradient by outer parameter name.
+        lr_grads: meta-gradient by inner parameter name of its MetaSGD scale.
+        adapted: the adapted inner parameters (detached).
+        diagnostics: per-task measurements a strategy reports (e.g. Implicit's residuals), by name.
+    """
+
+    query_loss: torch.Tensor
+    inner_losses: torch.Tensor
+    grads: Params
+    lr_grads: Params
+    adapted: Params
+    diagnostics: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+class Strategy(abc.ABC):
+    """How one task's meta-gradient is computed: the interface every strategy implements."""
+
+    #: Whether outer-only parameters (not adapted in the inner loop) are supported.
+    supports_outer_only = True
+    #: Whether MetaSGD learning-rate scales receive a gradient.
+    supports_learned_lr = True
+
+    @abc.abstractmethod
+    def task_gradient(self, problem: TaskProblem) -> TaskGradient:
+        """Adapt to ``problem.task`` and return its meta-gradient by outer parameter name."""
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}()"
+
+
+def gradients_by_name(loss: torch.Tensor, wrt: Mapping[str, torch.Tensor]) -> Params:
+    """Gradients of ``loss`` by name; a tensor the loss does not depend on gets zeros."""
+    names = [name for name, value in wrt.items() if value.requires_grad]
+    grads = torch.autograd.grad(loss, [wrt[name] for name in names], allow_unused=True) if names else ()
+    by_name = dict(zip(names, grads, strict=True))
+    return {
+        name: (by_name.get(name) if by_name.get(name) is not None else torch.zeros_like(value))
+        for name, value in wrt.items()
+    }
+
+
+def detached(params: Mapping[str, torch.Tensor]) -> Params:
+    """``params`` without autograd history."""
+    return {name: value.detach() for name, value in params.items()}
