@@ -108,7 +108,6 @@ class TamsController:
     arch: Spec
     tarp: TarpSpecs | None
     adapters: Spec | None
-    initial: dict[str, torch.Tensor] = field(repr=False, default_factory=dict)
 
     @property
     def inner(self) -> Spec:
@@ -155,18 +154,15 @@ class TamsController:
             ``{sublayer: chosen candidate}``.
 
         Warns:
-            UserWarning: every ``α`` still has its value from insertion (no meta-training has moved
-            it), so the choice is the initial one.
+            UserWarning: every ``α`` still has its value from insertion (zero: no meta-training has
+            moved it), so the choice is the initial one.
         """
         names = list(self.layers)
         if all(self._layer(n).tams_fixed is not None for n in names):
             raise ValueError("TamsController.discretize(): this controller's structure is already fixed.")
-        unchanged = all(
-            torch.equal(self._layer(n).tams_alpha.detach().cpu(), self.initial[n])
-            for n in names
-            if n in self.initial
-        )
-        if unchanged:
+        relaxed = [self._layer(n) for n in names if self._layer(n).tams_fixed is None]
+        # every α starts at zero (uniform weights); all still zero means nothing has trained them
+        if all(not layer.tams_alpha.detach().any() for layer in relaxed):
             warnings.warn(
                 "TamsController.discretize() before any meta-training: the architecture weights still have "
                 "their initial values, so the structure chosen is the initial one (with uniform weights, "
@@ -255,7 +251,6 @@ def add_tams(
         check_rank(rank, chosen, "TAMS's TARP candidate")
     if "adapter" in names:
         check_bottleneck(bottleneck)
-    initial = {}
     for path, linear in chosen.items():
         layer = PELinear.wrap(linear)
         factory = {"device": layer.weight.device, "dtype": layer.weight.dtype}
@@ -268,7 +263,6 @@ def add_tams(
         layer.tams_fixed = None
         layer.push(TAMS.name)
         model.set_submodule(path, layer)
-        initial[path] = layer.tams_alpha.detach().cpu().clone()
     paths = list(chosen)
     arch = exact_spec(model, [f"{p}.tams_alpha" for p in paths], "*.tams_alpha")
     adapters = None
@@ -284,5 +278,4 @@ def add_tams(
         arch=arch,
         tarp=tarp_specs(model, paths) if "tarp" in names else None,
         adapters=adapters,
-        initial=initial,
     )
