@@ -238,7 +238,8 @@ def test_rank_must_be_positive(rank):
 def test_rank_above_the_matrix_dimensions_names_the_layer():
     model = tiny_bert()
     with pytest.raises(
-        ValueError, match=r"rank 33 is above.*attention\.self\.query with weight \[32, 32\].*min\(out, in\) = 32"
+        ValueError,
+        match=r"rank 33 is above.*attention\.self\.query with weight \[32, 32\].*min\(out, in\) = 32",
     ):
         add_tarp(model, rank=HIDDEN + 1)
     add_tarp(model, rank=HIDDEN)  # the full rank is allowed

@@ -12,6 +12,11 @@ meta-gradient flows through the adapted parameters, ``∇α L_query(θ'(α), α)
 under :class:`metakit.FirstOrder`). After meta-training, :meth:`TamsController.discretize` keeps the
 argmax candidate ``o*ℓ = argmax_o αℓ,o`` of every sublayer and drops the others.
 
+Source note: written from the paper's abstract and published summaries (the full text was not
+reachable offline). Those confirm the forms used here (an element-wise ``W⁰ ⊙ R¹`` plus ``R²``, a
+diagonal core that depends on the input; a DARTS-style controller with continuous weights); the
+equation numbers are those of arXiv 2207.03509v1 as best reconstructed and should be checked.
+
 Candidates (``CANDIDATES``), each the sublayer's output given its input ``x`` and pretrained output
 ``y⁰ = W⁰x + b``:
 

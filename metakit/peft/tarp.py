@@ -10,6 +10,11 @@ the layer's input,
 with ``Uⁱ ∈ R^{out×r}``, ``Vⁱ ∈ R^{in×r}``, ``⊙`` the element-wise product and ``σⁱ`` a light generator
 of the ``r`` diagonal entries from the input. The layer computes ``y = W(x) x + b`` per token.
 
+Source note: written from the paper's abstract and published summaries (the full text was not
+reachable offline). Those confirm the forms used here (an element-wise ``W⁰ ⊙ R¹`` plus ``R²``, a
+diagonal core that depends on the input; a DARTS-style controller with continuous weights); the
+equation numbers are those of arXiv 2207.03509v1 as best reconstructed and should be checked.
+
 Choices the paper leaves open, made here (listed in the report):
 
 - **Near-identity.** ``R¹`` is written as ``J + U¹Σ¹V¹ᵀ`` (``J`` all ones), i.e. ``W(x) = W⁰ + W⁰ ⊙
