@@ -163,3 +163,50 @@ def meta_adapters(
         inner_only="keep",
         logger=logger,
     )
+
+
+def tams(
+    model: nn.Module,
+    loss_fn: LossFn | None,
+    *,
+    controller: Any,
+    head: Spec,
+    backbone: Spec | None = None,
+    meta_learn_init: bool = True,
+    inner_lr: float = 0.03,
+    steps: int = 5,
+    strategy: Strategy | None = None,
+    optimizer: GradientTransformation | None = None,
+    logger: Any = None,
+) -> MetaLearner:
+    """TARP + TAMS (Hou et al., 2022, "Meta-Learning the Difference"): structure and weights meta-learned.
+
+    Inner loop: the candidates' task-adaptive parameters (TARP's task factors, the adapters) and the
+    head. Outer: the architecture weights ``α`` and TARP's shared factors and generator (outer only),
+    the task-adaptive parameters' initialisation (``meta_learn_init``, MAML-style), and ``backbone`` if
+    given (to meta-learn the pretrained weights too; default frozen). The head adapts from the same
+    start in every task. First-order by default (cheap); ``strategy=SecondOrder()`` is exact.
+
+    Args:
+        controller: the :class:`metakit.peft.TamsController` from ``metakit.peft.add_tams``.
+        head: the task head (e.g. ``metakit.peft.head_spec(model)``).
+
+    Example:
+        >>> tams = metakit.peft.add_tams(model, rank=4)  # doctest: +SKIP
+        >>> learner = recipes.tams(model, loss_fn, controller=tams, head=head_spec(model))  # doctest: +SKIP
+    """
+    inner = controller.inner | head
+    outer = controller.outer
+    if meta_learn_init:
+        outer = outer | controller.inner
+    if backbone is not None:
+        outer = outer | backbone
+    return MetaLearner(
+        model,
+        loss_fn,
+        inner=_inner(inner, inner_lr, steps, optimizer),
+        outer_params=outer,
+        strategy=strategy if strategy is not None else FirstOrder(),
+        inner_only="keep",
+        logger=logger,
+    )

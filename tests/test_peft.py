@@ -6,6 +6,7 @@ import sys
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch.func import functional_call
 from transformers import (
     BertConfig,
@@ -21,6 +22,7 @@ from transformers import (
 
 import metakit as mk
 from metakit.peft import (
+    PEKind,
     add_houlsby_adapters,
     add_lora,
     add_top_adapter,
@@ -28,6 +30,9 @@ from metakit.peft import (
     find_layout,
     head_spec,
     load_pe,
+    pe_globs,
+    pe_kinds,
+    pe_spec,
     peft_params,
     save_pe,
 )
@@ -380,3 +385,83 @@ def test_load_pe_into_a_model_without_the_modules(tmp_path):
     (tmp_path / "bad.safetensors").write_bytes(b"not a safetensors file")
     with pytest.raises(ValueError, match="not a readable safetensors file"):
         load_pe(tmp_path / "bad.safetensors", other)
+
+
+# -- PE kinds declare their own parameter names ------------------------------------------------------
+def test_specs_come_from_the_kinds_declarations():
+    kinds = pe_kinds()
+    assert {"lora", "houlsby", "top_adapter", "tarp", "tams", "peft_lora"} <= set(kinds)
+    assert kinds["lora"].param_names == ("lora_A", "lora_B")
+    assert kinds["houlsby"].param_names == ("adapter",)
+    globs = set(pe_globs())
+    assert all(set(kind.globs()) <= globs for kind in kinds.values())
+    assert repr(pe_spec()) == f"select({', '.join(repr(g) for g in pe_globs())})"
+
+
+def test_pe_globs_alias_is_deprecated_and_derived():
+    from metakit.peft import layout
+
+    old = {"*.adapter.*", "*.top_adapter.*", "*.lora_A", "*.lora_B", "*.lora_A.*", "*.lora_B.*"}
+    old |= {"*.lora_embedding_A.*", "*.lora_embedding_B.*", "*.lora_magnitude_vector.*"}
+    with pytest.warns(DeprecationWarning, match="pe_globs"):
+        alias = layout.PE_GLOBS
+    assert alias == pe_globs() and old <= set(alias)
+
+
+def test_a_new_kind_is_one_class_and_is_never_counted_as_backbone():
+    from metakit.peft import kinds
+    from metakit.peft.modules import PELinear
+
+    class Gain(PEKind):
+        """A learned per-feature gain on a linear layer's output."""
+
+        name = "test_gain"
+        param_names = ("test_gain",)
+
+        @staticmethod
+        def apply(layer, x, y):
+            return y * layer.test_gain
+
+    try:
+        model, data = tiny_bert(), batch()
+        before = logits(model, data)
+        path = "bert.encoder.layer.0.output.dense"
+        layer = PELinear.wrap(model.get_submodule(path))
+        layer.test_gain = torch.nn.Parameter(torch.full((HIDDEN,), 2.0))
+        layer.push("test_gain")
+        model.set_submodule(path, layer)
+        name = f"{path}.test_gain"
+        assert name not in backbone_spec(model).names(model)
+        assert Gain.spec().names(model) == [name]
+        assert not torch.allclose(logits(model, data), before)  # the host applies it
+        with torch.no_grad():
+            layer.test_gain.fill_(1.0)
+        assert torch.equal(logits(model, data), before)
+    finally:
+        kinds._REGISTRY.pop("test_gain", None)
+
+
+@pytest.mark.parametrize("names", [None, (), ("a.b",), ["lora_X"]])
+def test_a_kind_without_parameter_names_is_refused(names):
+    attributes = {"name": "test_bad"} | ({} if names is None else {"param_names": names})
+    with pytest.raises(TypeError, match="must declare `param_names`"):
+        type("Bad", (PEKind,), attributes)
+    assert "test_bad" not in pe_kinds()
+
+
+def test_lora_acts_inside_a_houlsby_adapter_on_one_layer():
+    model = tiny_bert()
+    add_houlsby_adapters(model, BOTTLENECK, init_std=0.3)
+    add_lora(model, targets="*.attention.output.dense", rank=RANK)
+    layer = model.bert.encoder.layer[0].attention.output.dense
+    assert layer.pe_stack == ("lora", "houlsby")  # ordered by stage, not by insertion order
+    with torch.no_grad():
+        layer.lora_B.normal_()
+        x = torch.randn(2, 3, HIDDEN)
+        inside = (
+            F.linear(x, layer.weight, layer.bias) + x @ layer.lora_A.T @ layer.lora_B.T * layer.lora_scale
+        )
+        assert torch.allclose(layer(x), layer.adapter(inside), atol=1e-6)
+    assert "lora_rank=4" in repr(layer) and "houlsby" in repr(layer)
+    plain = model.bert.encoder.layer[0].attention.self.query
+    assert type(plain) is torch.nn.Linear

@@ -15,29 +15,53 @@ Example:
     select('classifier.*')
 
 Models wrapped by the ``peft`` library: :func:`peft_params`. Persisting a task's PE parameters and
-head: :func:`save_pe` / :func:`load_pe`.
+head: :func:`save_pe` / :func:`load_pe`. "Meta-Learning the Difference" (Hou et al., 2022): TARP
+(:func:`add_tarp`, a dynamic low-rank reparameterization) and TAMS (:func:`add_tams`, a DARTS-style
+controller over candidate sublayer structures; :func:`metakit.recipes.tams` wires both).
+
+Every PE kind declares the parameter names it adds (:class:`PEKind`); :func:`pe_spec` /
+:func:`pe_globs` and :func:`backbone_spec` are built from those declarations.
 """
 
-from metakit.peft.adapters import add_houlsby_adapters, add_top_adapter
+from metakit.peft.adapters import HoulsbyAdapter, add_houlsby_adapters, add_top_adapter
 from metakit.peft.interop import peft_params
 from metakit.peft.io import load_pe, save_pe
+from metakit.peft.kinds import PEKind, pe_globs, pe_kinds, pe_spec
 from metakit.peft.layout import EncoderLayout, backbone_spec, find_layout, head_spec
-from metakit.peft.lora import DEFAULT_LORA_TARGETS, add_lora
-from metakit.peft.modules import AdaptedLayerNorm, BottleneckAdapter, PELinear
+from metakit.peft.lora import DEFAULT_LORA_TARGETS, LoRA, add_lora
+from metakit.peft.modules import AdaptedLayerNorm, BottleneckAdapter, PELinear, TopAdapter
+from metakit.peft.tams import DEFAULT_TAMS_CANDIDATES, TAMS, TamsController, add_tams
+from metakit.peft.tarp import DEFAULT_TARP_TARGETS, TARP, TarpFactors, TarpSpecs, add_tarp
 
 __all__ = [
     "DEFAULT_LORA_TARGETS",
+    "DEFAULT_TAMS_CANDIDATES",
+    "DEFAULT_TARP_TARGETS",
+    "TAMS",
+    "TARP",
     "AdaptedLayerNorm",
     "BottleneckAdapter",
     "EncoderLayout",
+    "HoulsbyAdapter",
+    "LoRA",
+    "PEKind",
     "PELinear",
+    "TamsController",
+    "TarpFactors",
+    "TarpSpecs",
+    "TopAdapter",
     "add_houlsby_adapters",
     "add_lora",
+    "add_tams",
+    "add_tarp",
     "add_top_adapter",
     "backbone_spec",
     "find_layout",
     "head_spec",
     "load_pe",
+    "pe_globs",
+    "pe_kinds",
+    "pe_spec",
     "peft_params",
     "save_pe",
 ]

@@ -2,14 +2,38 @@
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 from metakit.peft._specs import exact_spec
+from metakit.peft.kinds import OUTPUT, PEKind
 from metakit.peft.layout import find_layout
 from metakit.peft.modules import AdaptedLayerNorm, BottleneckAdapter, PELinear, check_bottleneck
 from metakit.spec import Spec
 
-__all__ = ["add_houlsby_adapters", "add_top_adapter"]
+__all__ = ["HoulsbyAdapter", "add_houlsby_adapters", "add_top_adapter"]
+
+
+class HoulsbyAdapter(PEKind):
+    """A bottleneck ``adapter`` on a :class:`PELinear`'s output: ``y + up(act(down(y)))``."""
+
+    name = "houlsby"
+    param_names = ("adapter",)
+    stage = OUTPUT
+
+    @staticmethod
+    def attach(layer: PELinear, bottleneck: int, activation: str = "gelu", init_std: float = 1e-3) -> None:
+        """Give ``layer`` a near-identity bottleneck adapter over its ``out_features``."""
+        if layer.has(HoulsbyAdapter.name):
+            raise ValueError(
+                "this layer already has a Houlsby adapter; add_houlsby_adapters() adds them once."
+            )
+        layer.adapter = _new_adapter(layer, layer.out_features, bottleneck, activation, init_std)
+        layer.push(HoulsbyAdapter.name)
+
+    @staticmethod
+    def apply(layer: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return layer.adapter(y)
 
 
 def _new_adapter(
@@ -29,8 +53,10 @@ def _plain_linear(model: nn.Module, path: str) -> nn.Linear:
         )
     if not isinstance(module, nn.Linear):
         raise TypeError(f"expected an nn.Linear at {path}, found {type(module).__name__}.")
-    if isinstance(module, PELinear) and module.adapter is not None:
+    if isinstance(module, PELinear) and module.has(HoulsbyAdapter.name):
         raise ValueError(f"{path} already has a Houlsby adapter; add_houlsby_adapters() adds them once.")
+    if isinstance(module, PELinear) and module.has("tams"):
+        raise ValueError(f"{path} is a TAMS sublayer; TAMS chooses among its own candidates.")
     return module
 
 
@@ -65,7 +91,7 @@ def add_houlsby_adapters(
     linears = {path: _plain_linear(model, path) for path in paths}  # validate all before changing any
     for path, linear in linears.items():
         wrapped = PELinear.wrap(linear)
-        wrapped.adapter = _new_adapter(linear, linear.out_features, bottleneck, activation, init_std)
+        HoulsbyAdapter.attach(wrapped, bottleneck, activation, init_std)
         model.set_submodule(path, wrapped)
     added = [
         f"{path}.adapter.{name}"

@@ -21,9 +21,18 @@ from types import ModuleType
 from torch import nn
 
 from metakit.peft._specs import exact_spec
+from metakit.peft.kinds import PEKind
 from metakit.spec import Spec
 
-__all__ = ["PEFT_INSTALL", "peft_params"]
+__all__ = ["PEFT_INSTALL", "PeftLibraryLoRA", "peft_params"]
+
+
+class PeftLibraryLoRA(PEKind):
+    """The ``peft`` library's LoRA/DoRA tensors (``...lora_A.default.weight``); peft runs them itself."""
+
+    name = "peft_lora"
+    param_names = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector")
+
 
 PEFT_INSTALL = "pip install 'peft>=0.11'  (or: pip install 'metakit[peft]')"
 

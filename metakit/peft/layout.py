@@ -8,29 +8,18 @@ same way: an ``nn.ModuleList`` called ``<prefix>encoder.layer`` whose layers eac
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 from torch import nn
 
+from metakit.peft.kinds import pe_globs
 from metakit.spec import Spec, select
 
-__all__ = ["PE_GLOBS", "EncoderLayout", "backbone_spec", "find_layout", "head_spec"]
+__all__ = ["EncoderLayout", "backbone_spec", "find_layout", "head_spec"]
 
 #: Submodules every recognised transformer layer has (BERT's layout, shared by RoBERTa and XLM-R).
 LAYER_PARTS = ("attention.output.dense", "attention.output.LayerNorm", "output.dense", "output.LayerNorm")
-
-#: Names of parameters added by metakit.peft or by the peft library's LoRA (never backbone or head).
-PE_GLOBS = (
-    "*.adapter.*",
-    "*.top_adapter.*",
-    "*.lora_A",
-    "*.lora_B",
-    "*.lora_A.*",
-    "*.lora_B.*",
-    "*.lora_embedding_A.*",
-    "*.lora_embedding_B.*",
-    "*.lora_magnitude_vector.*",
-)
 
 
 @dataclass(frozen=True)
@@ -147,7 +136,22 @@ def head_spec(model: nn.Module) -> Spec:
 
 
 def backbone_spec(model: nn.Module) -> Spec:
-    """The pretrained backbone: parameters under the backbone module that no PE insertion added."""
+    """The pretrained backbone: parameters under the backbone module that no PE kind added.
+
+    What a PE kind adds is read from the kinds' own declarations (:func:`metakit.peft.pe_globs`).
+    """
     layout = find_layout(model)
     inside = select(f"{layout.backbone}.*") if layout.backbone else select("*")
-    return inside - select(*PE_GLOBS)
+    return inside - select(*pe_globs())
+
+
+def __getattr__(name: str):
+    if name == "PE_GLOBS":
+        warnings.warn(
+            "metakit.peft.layout.PE_GLOBS is deprecated: PE kinds declare their own parameter names; "
+            "use metakit.peft.pe_globs() (or pe_spec()).",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return pe_globs()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

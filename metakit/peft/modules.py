@@ -4,18 +4,19 @@ Every insertion keeps the original parameters under their original names: a wrap
 ``nn.Linear`` or ``nn.LayerNorm`` is replaced by a subclass that holds the *same* ``Parameter``
 objects plus the new ones as children or attributes. Nothing lives outside modules and no hook
 captures a tensor, so ``torch.func.functional_call`` (and :func:`metakit.bind`) can swap any of
-them, old or new.
+them, old or new. Which attributes hold PE parameters is declared by the kinds
+(:mod:`metakit.peft.kinds`), not here.
 """
 
 from __future__ import annotations
-
-import math
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["AdaptedLayerNorm", "BottleneckAdapter", "PELinear", "check_bottleneck"]
+from metakit.peft.kinds import PEKind, pe_kind, pe_names
+
+__all__ = ["AdaptedLayerNorm", "BottleneckAdapter", "PELinear", "TopAdapter", "check_bottleneck"]
 
 _ACTIVATIONS = {"gelu": nn.GELU, "relu": nn.ReLU, "silu": nn.SiLU, "tanh": nn.Tanh}
 
@@ -59,16 +60,17 @@ class BottleneckAdapter(nn.Module):
 
 
 class PELinear(nn.Linear):
-    """An ``nn.Linear`` that may carry LoRA on its input and a bottleneck adapter on its output.
+    """An ``nn.Linear`` that carries PE kinds (LoRA, a Houlsby adapter, TARP, a TAMS mixture, ...).
 
-    ``y = adapter(W x + b + scale · B A dropout(x))``; either part may be absent. Built with
-    :meth:`wrap`, which reuses the original ``weight`` and ``bias`` tensors, so their names in the
-    model do not change (``...dense.weight`` stays ``...dense.weight``).
+    ``y = k_n(…k_1(W x + b))``: each kind in :attr:`pe_stack` maps ``(layer, x, y)`` to a new output,
+    ordered by stage (reparameterizations of ``W x``, then a TAMS mixture, then output transforms), so
+    LoRA and TARP act inside a Houlsby adapter. The kinds' parameters are attributes of this layer
+    named by their ``param_names`` (``lora_A``, ``adapter``, ``tarp``, ...); an absent one reads as
+    ``None``. Built with :meth:`wrap`, which reuses the original ``weight`` and ``bias`` tensors, so
+    their names in the model do not change (``...dense.weight`` stays ``...dense.weight``).
     """
 
-    lora_A: nn.Parameter | None
-    lora_B: nn.Parameter | None
-    adapter: nn.Module | None
+    pe_stack: tuple[str, ...]
 
     @classmethod
     def wrap(cls, linear: nn.Linear) -> PELinear:
@@ -80,36 +82,44 @@ class PELinear(nn.Linear):
         new.in_features, new.out_features = linear.in_features, linear.out_features
         new.weight = linear.weight
         new.register_parameter("bias", linear.bias)
-        new.register_parameter("lora_A", None)
-        new.register_parameter("lora_B", None)
-        new.lora_scale = 0.0
-        new.lora_dropout = nn.Identity()
-        new.adapter = None
+        for name in pe_names():  # a kind's attribute reads None until the kind is attached
+            object.__setattr__(new, name, None)
+        new.pe_stack = ()
         new.train(linear.training)
         return new
 
+    def has(self, kind: str) -> bool:
+        """Whether the kind called ``kind`` is applied by this layer."""
+        return kind in self.pe_stack
+
+    def push(self, kind: str) -> None:
+        """Apply the registered kind ``kind`` too (its parameters must already be attached)."""
+        if kind in self.pe_stack:
+            raise ValueError(f"this layer already has {kind!r}.")
+        stacked = (*self.pe_stack, kind)
+        self.pe_stack = tuple(sorted(stacked, key=lambda k: pe_kind(k).stage))  # stable within a stage
+
     def add_lora(self, rank: int, alpha: float, dropout: float = 0.0) -> None:
         """Add LoRA factors ``A`` (Kaiming-uniform) and ``B`` (zeros): the output is unchanged."""
-        if self.lora_A is not None:
-            raise ValueError("this layer already has LoRA; add_lora() can only add it once per layer.")
-        factory = {"device": self.weight.device, "dtype": self.weight.dtype}
-        self.lora_A = nn.Parameter(torch.empty(rank, self.in_features, **factory))
-        self.lora_B = nn.Parameter(torch.zeros(self.out_features, rank, **factory))
-        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # peft's and the LoRA paper's choice
-        self.lora_scale = alpha / rank
-        self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        from metakit.peft.lora import LoRA
+
+        LoRA.attach(self, rank, alpha, dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = F.linear(x, self.weight, self.bias)
-        if self.lora_A is not None:
-            y = y + F.linear(F.linear(self.lora_dropout(x), self.lora_A), self.lora_B) * self.lora_scale
-        if self.adapter is not None:
-            y = self.adapter(y)
+        for kind in self.pe_stack:
+            y = pe_kind(kind).apply(self, x, y)
         return y
 
     def extra_repr(self) -> str:
-        lora = f", lora_rank={self.lora_A.shape[0]}" if self.lora_A is not None else ""
-        return super().extra_repr() + lora
+        return super().extra_repr() + "".join(f", {pe_kind(k).describe(self)}" for k in self.pe_stack)
+
+
+class TopAdapter(PEKind):
+    """The priming paper's adapter on top of the encoder, hosted by :class:`AdaptedLayerNorm`."""
+
+    name = "top_adapter"
+    param_names = ("top_adapter",)
 
 
 class AdaptedLayerNorm(nn.LayerNorm):
