@@ -4,7 +4,7 @@ Compose a meta-learner from a model, a loss, an :class:`InnerLoop`, the outer pa
 :class:`Spec`) and a :class:`Strategy`; ``docs/architecture.md`` describes the architecture.
 """
 
-from metakit import tasks
+from metakit import executors, tasks
 from metakit.functional import bind, double_backward_safe
 from metakit.implicit import ImplicitResidualError, ImplicitResidualWarning
 from metakit.inner import InnerLoop, InnerLossError
@@ -41,6 +41,7 @@ __all__ = [
     "combine",
     "double_backward_safe",
     "everything",
+    "executors",
     "explain",
     "module_type",
     "nothing",

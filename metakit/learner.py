@@ -9,8 +9,9 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from metakit.executors import Executor, Sequential
 from metakit.inner import InnerLoop
-from metakit.problem import Partition, TaskGradient, TaskProblem
+from metakit.problem import Partition, TaskProblem
 from metakit.spec import Spec, require_nonempty
 from metakit.strategies import Strategy
 from metakit.task import LossFn, Task
@@ -54,6 +55,8 @@ class MetaLearner:
             value, or ``"first_task"`` the first task's adapted value (Algorithm 1's task head).
         logger: optional logger with ``log_meta_step(step, result, learner)`` (e.g.
             :class:`metakit.logging.TensorBoardLogger`).
+        executor: where the tasks of a meta-batch run: :class:`~metakit.executors.Sequential`
+            (default), :class:`~metakit.vmap.Vmap`, or ``Distributed``.
 
     Only parameters with ``requires_grad=True`` are candidates for either set, so parameters frozen
     the usual PyTorch way stay frozen. Parameters in neither set are untouched and get no ``.grad``.
@@ -75,6 +78,7 @@ class MetaLearner:
         strategy: Strategy,
         inner_only: InnerOnly = "keep",
         logger: Any = None,
+        executor: Executor | None = None,
     ):
         if not isinstance(model, nn.Module):
             raise TypeError(f"MetaLearner expects an nn.Module, got {type(model).__name__}.")
@@ -90,6 +94,14 @@ class MetaLearner:
             raise TypeError(
                 f"MetaLearner(strategy=...) expects a metakit Strategy such as mk.SecondOrder(), got {strategy!r}."
             )
+        executor = executor if executor is not None else Sequential()
+        if not isinstance(executor, Executor):
+            raise TypeError(
+                f"MetaLearner(executor=...) expects a metakit executor such as mk.executors.Sequential(), "
+                f"got {type(executor).__name__}."
+            )
+        executor.check(strategy)
+        self.executor = executor
         if inner_only not in ("keep", "first_task"):
             raise ValueError(f"inner_only must be 'keep' or 'first_task', got {inner_only!r}.")
         self.model, self.loss_fn, self.inner, self.strategy = model, loss_fn, inner, strategy
@@ -167,29 +179,21 @@ class MetaLearner:
         params = dict(self.model.named_parameters())
         partition = self._partition(params)
         lr_scales = {self._lr_names[k]: v for k, v in self.lr_scales.items()} or None
-        total: dict[str, torch.Tensor] = {}
-        total_lr: dict[str, torch.Tensor] = {}
-        outcomes: list[TaskGradient] = []
-        for index, task in enumerate(tasks):
-            outcome = self.strategy.task_gradient(self._problem(task, index, partition, lr_scales))
-            _accumulate(total, outcome.grads, len(tasks))
-            _accumulate(total_lr, outcome.lr_grads, len(tasks))
-            outcome.grads = outcome.lr_grads = {}
-            outcomes.append(outcome)
+        problems = [self._problem(task, index, partition, lr_scales) for index, task in enumerate(tasks)]
+        batch = self.executor.run(self.strategy, problems)
 
-        _check_finite_grads({**total, **total_lr})
-        self._write_grads(params, total, total_lr)
+        _check_finite_grads({**batch.grads, **batch.lr_grads})
+        self._write_grads(params, batch.grads, batch.lr_grads)
         if self.inner_only == "first_task" and self.inner_only_names:
             with torch.no_grad():
                 for name in self.inner_only_names:
-                    params[name].copy_(outcomes[0].adapted[name])
-        query_losses = torch.stack([o.query_loss for o in outcomes])
+                    params[name].copy_(batch.first_adapted[name])
         result = MetaStepResult(
-            loss=query_losses.mean(),
-            inner_losses=torch.stack([o.inner_losses for o in outcomes]),
-            query_losses=query_losses,
-            grad_norms=self._grad_norms(total, total_lr),
-            diagnostics=_stack_diagnostics(outcomes),
+            loss=batch.query_losses.mean(),
+            inner_losses=batch.inner_losses,
+            query_losses=batch.query_losses,
+            grad_norms=self._grad_norms(batch.grads, batch.lr_grads),
+            diagnostics=batch.diagnostics,
         )
         logger = logger if logger is not None else self.logger
         if logger is not None:
@@ -270,19 +274,6 @@ class MetaLearner:
         norms = {name: _norm(tensors) for name, tensors in groups.items() if tensors}
         norms["total"] = _norm([g for tensors in groups.values() for g in tensors])
         return norms
-
-
-def _accumulate(total: dict[str, torch.Tensor], grads: Mapping[str, torch.Tensor], n_tasks: int) -> None:
-    for name, grad in grads.items():
-        grad = grad.detach() / n_tasks
-        total[name] = total[name] + grad if name in total else grad
-
-
-def _stack_diagnostics(outcomes: Sequence[TaskGradient]) -> dict[str, torch.Tensor]:
-    names = [name for name in outcomes[0].diagnostics if all(name in o.diagnostics for o in outcomes)]
-    return {
-        name: torch.stack([torch.as_tensor(o.diagnostics[name]).detach() for o in outcomes]) for name in names
-    }
 
 
 def _check_finite_grads(grads: Mapping[str, torch.Tensor]) -> None:

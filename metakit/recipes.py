@@ -19,7 +19,17 @@ from metakit.spec import Spec, everything
 from metakit.strategies import FirstOrder, Implicit, Reptile, SecondOrder, Strategy
 from metakit.task import LossFn
 
-__all__ = ["anil", "fomaml", "imaml", "maml", "maml_loop_priming", "meta_adapters", "priming", "reptile"]
+__all__ = [
+    "anil",
+    "fomaml",
+    "imaml",
+    "maml",
+    "maml_loop_priming",
+    "meta_adapters",
+    "priming",
+    "reptile",
+    "tams",
+]
 
 
 def _inner(
