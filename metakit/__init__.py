@@ -11,6 +11,7 @@ from metakit.inner import InnerLoop, InnerLossError
 from metakit.lean import ForwardModeError
 from metakit.learner import MetaLearner, MetaStepResult
 from metakit.problem import Partition, TaskGradient, TaskProblem
+from metakit.reuse import Cut, CutError
 from metakit.spec import Spec, combine, everything, explain, module_type, nothing, regex, select
 from metakit.strategies import FirstOrder, Implicit, Reptile, SecondOrder, Strategy, Truncated, Unrolled
 from metakit.task import Task
@@ -18,6 +19,8 @@ from metakit.task import Task
 __version__ = "0.1.0"
 
 __all__ = [
+    "Cut",
+    "CutError",
     "FirstOrder",
     "ForwardModeError",
     "Implicit",

@@ -91,9 +91,13 @@ class Implicit(Strategy):
 
     def task_gradient(self, problem: TaskProblem) -> TaskGradient:
         inner_names = list(problem.start)
-        outer_only_names = list(problem.outer_only)
-        frozen, objective, lam = problem.partition.frozen, problem.objective, self.lam
-        support = problem.task.support
+        support, context = problem.inner_inputs(differentiable=True)
+        # The context tensors the meta-gradient flows into (outer-only parameters, or the features of
+        # a cut with their graph to the backbone) are custom_root inputs; the rest are constants.
+        live = {name: value for name, value in context.items() if value.requires_grad}
+        frozen = {name: value.detach() for name, value in context.items() if not value.requires_grad}
+        outer_only_names = list(live)
+        objective, lam = problem.objective, self.lam
         solved: dict[str, torch.Tensor] = {}
         cg_residuals: list[torch.Tensor] = []
 
@@ -125,13 +129,13 @@ class Implicit(Strategy):
         def solve(phi, theta, outer_only):
             # custom_root runs this inside autograd.Function.forward, where grad mode is off.
             with torch.enable_grad():
-                context = {
+                step_context = {
                     **frozen,
                     **{n: t.detach() for n, t in zip(outer_only_names, outer_only, strict=True)},
                 }
                 anchors = {name: t.detach() for name, t in zip(inner_names, theta, strict=True)}
                 adapted = self._solve_inner(
-                    problem, dict(zip(inner_names, phi, strict=True)), context, anchors
+                    problem, dict(zip(inner_names, phi, strict=True)), step_context, anchors, support
                 )
             solved.update(adapted)
             return tuple(adapted["params"][name] for name in inner_names)
@@ -139,7 +143,7 @@ class Implicit(Strategy):
         theta = tuple(problem.start.values())
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=r".*functorch\.vjp.*deprecated", category=FutureWarning)
-            phi_star = solve(tuple(t.detach() for t in theta), theta, tuple(problem.outer_only.values()))
+            phi_star = solve(tuple(t.detach() for t in theta), theta, tuple(live.values()))
             adapted = dict(zip(inner_names, phi_star, strict=True))
             query_loss = problem.query_loss(adapted)
             grads = gradients_by_name(query_loss, {**problem.shared, **problem.outer_only})
@@ -151,10 +155,10 @@ class Implicit(Strategy):
             query_loss.detach(), solved["losses"], grads, {}, detached(adapted), diagnostics=diagnostics
         )
 
-    def _solve_inner(self, problem: TaskProblem, start, context, anchors) -> dict:
+    def _solve_inner(self, problem: TaskProblem, start, context, anchors, support) -> dict:
         """Minimise the proximal objective from ``start``; stop at ``max_inner_steps`` or the tolerance."""
         inner, lam = problem.inner, self.lam
-        objective, support = problem.objective, problem.task.support
+        objective = problem.objective
         limit = max(inner.steps, self.max_inner_steps or inner.steps)
         current = fresh_leaves(start)
         state = inner.init(current)

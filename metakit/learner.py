@@ -12,6 +12,7 @@ from torch import nn
 from metakit.executors import Executor, Sequential
 from metakit.inner import InnerLoop
 from metakit.problem import Partition, TaskProblem
+from metakit.reuse import Cut
 from metakit.spec import Spec, require_nonempty
 from metakit.strategies import Strategy
 from metakit.task import LossFn, Task
@@ -57,6 +58,10 @@ class MetaLearner:
             :class:`metakit.logging.TensorBoardLogger`).
         executor: where the tasks of a meta-batch run: :class:`~metakit.executors.Sequential`
             (default), :class:`~metakit.vmap.Vmap`, or ``Distributed``.
+        cut: feature reuse: a :class:`~metakit.reuse.Cut` below which the inner loop changes
+            nothing, so that part runs once per batch; ``"auto"`` finds it for the Hugging Face
+            layouts metakit knows (:func:`metakit.peft.feature_cut`); ``None`` (default) runs the
+            whole model at every inner step. The meta-gradient is the same either way.
 
     Only parameters with ``requires_grad=True`` are candidates for either set, so parameters frozen
     the usual PyTorch way stay frozen. Parameters in neither set are untouched and get no ``.grad``.
@@ -79,6 +84,7 @@ class MetaLearner:
         inner_only: InnerOnly = "keep",
         logger: Any = None,
         executor: Executor | None = None,
+        cut: Cut | Literal["auto"] | None = None,
     ):
         if not isinstance(model, nn.Module):
             raise TypeError(f"MetaLearner expects an nn.Module, got {type(model).__name__}.")
@@ -137,6 +143,7 @@ class MetaLearner:
             for name in inner_names:
                 self.lr_scales[_scale_key(name)] = nn.Parameter(torch.ones_like(params[name]))
         self._lr_names = {_scale_key(name): name for name in inner_names} if inner.learn_lr else {}
+        self.cut = _resolve_cut(cut, model, inner.params)
         self.step = 0
 
     def __repr__(self) -> str:
@@ -234,6 +241,7 @@ class MetaLearner:
             partition=partition,
             index=index,
             lr_scales=lr_scales,
+            cut=self.cut,
         )
 
     def _check_tasks(self, tasks: Sequence[Task]) -> list[Task]:
@@ -274,6 +282,19 @@ class MetaLearner:
         norms = {name: _norm(tensors) for name, tensors in groups.items() if tensors}
         norms["total"] = _norm([g for tensors in groups.values() for g in tensors])
         return norms
+
+
+def _resolve_cut(cut: Any, model: nn.Module, inner: Spec) -> Cut | None:
+    if cut is None:
+        return None
+    if isinstance(cut, str) and cut == "auto":
+        from metakit.peft.cuts import feature_cut
+
+        return feature_cut(model, inner)
+    if not isinstance(cut, Cut):
+        raise TypeError(f"MetaLearner(cut=...) expects a metakit.Cut, 'auto' or None, got {cut!r}.")
+    cut.module(model)  # the module must exist
+    return cut
 
 
 def _check_finite_grads(grads: Mapping[str, torch.Tensor]) -> None:

@@ -5,11 +5,13 @@ from __future__ import annotations
 import abc
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
 
 from metakit.inner import Adaptation, InnerLoop, Objective, Regularizer, check_scalar_loss, model_objective
+from metakit.reuse import FEATURES, Cut
 from metakit.task import LossFn, Task
 
 __all__ = ["Partition", "Strategy", "TaskGradient", "TaskProblem", "detached", "gradients_by_name"]
@@ -59,6 +61,8 @@ class TaskProblem:
         index: the task's position in the meta-batch (error messages).
         lr_scales: MetaSGD scales by inner parameter name, or ``None``.
         trace_final: record the support loss after the last inner step (one more forward).
+        cut: feature reuse (:class:`~metakit.reuse.Cut`): the model below the cut runs once per
+            batch and the inner steps run only the top.
     """
 
     model: nn.Module
@@ -69,6 +73,7 @@ class TaskProblem:
     index: int = 0
     lr_scales: Mapping[str, torch.Tensor] | None = None
     trace_final: bool = True
+    cut: Cut | None = None
 
     @property
     def start(self) -> Params:
@@ -92,8 +97,37 @@ class TaskProblem:
 
     @property
     def objective(self) -> Objective:
-        """``objective(params, batch)``: the task's loss of the model run on ``params``."""
+        """``objective(params, batch)``: the task's loss of the model run on ``params``.
+
+        With a cut, ``params`` also holds the batch's features under :data:`~metakit.reuse.FEATURES`
+        and only the top runs.
+        """
+        if self.cut is not None:
+            return self.cut.objective(self.model, self.loss_fn)
         return model_objective(self.model, self.loss_fn)
+
+    def inner_inputs(self, differentiable: bool) -> tuple[Any, Params]:
+        """The support batch and the context the inner steps run on.
+
+        With a cut, the context also holds the support batch's features, computed once here: with
+        their graph to the outer parameters below the cut when the inner steps are differentiated
+        (``differentiable``), without one otherwise.
+        """
+        if self.cut is None:
+            return self.task.support, self.context
+        return self.task.support, {
+            **self.context,
+            FEATURES: self._features(self.task.support, differentiable),
+        }
+
+    def _features(self, batch: Any, graph: bool) -> torch.Tensor:
+        assert self.cut is not None
+        context = self.context if graph else {name: value.detach() for name, value in self.context.items()}
+        start = self.start if graph else {name: value.detach() for name, value in self.start.items()}
+        with torch.set_grad_enabled(graph and torch.is_grad_enabled()):
+            return self.cut.features(
+                self.model, {**context, **start}, self.loss_fn, batch, inner_names=frozenset(self.start)
+            )
 
     def adapt(
         self,
@@ -104,10 +138,11 @@ class TaskProblem:
         regularizer: Regularizer | None = None,
     ) -> Adaptation:
         """Run the inner loop on the support batch from the learner's current values (or ``start``)."""
+        batch, inputs = self.inner_inputs(differentiable=differentiable_steps > 0)
         return self.inner.adapt(
             self.start if start is None else start,
-            self.task.support,
-            self.context if context is None else context,
+            batch,
+            inputs if context is None else context,
             objective=self.objective,
             differentiable_steps=differentiable_steps,
             lr_scales=self.lr_scales,
@@ -118,7 +153,11 @@ class TaskProblem:
 
     def query_loss(self, adapted: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """The query loss of the model with ``adapted`` inner parameters (differentiable)."""
-        loss = self.objective({**self.context, **adapted}, self.task.query)
+        if self.cut is None:
+            loss = self.objective({**self.context, **adapted}, self.task.query)
+        else:
+            features = self._features(self.task.query, graph=True)
+            loss = self.objective({**self.context, **adapted, FEATURES: features}, self.task.query)
         check_scalar_loss(loss, f"query loss of task {self.index}")
         return loss
 

@@ -101,6 +101,7 @@ def anil(
         outer_params=everything(),
         strategy=strategy if strategy is not None else SecondOrder(),
         logger=logger,
+        cut="auto",
     )
 
 
@@ -140,6 +141,7 @@ def priming(
         strategy=strategy if strategy is not None else FirstOrder(),
         inner_only="first_task",
         logger=logger,
+        cut="auto",
     )
 
 
@@ -172,6 +174,7 @@ def meta_adapters(
         strategy=strategy if strategy is not None else SecondOrder(),
         inner_only="keep",
         logger=logger,
+        cut="auto",
     )
 
 

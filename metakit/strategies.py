@@ -133,17 +133,11 @@ class SecondOrder(Unrolled):
             "task_index": problem.index,
             "trace_final": problem.trace_final,
         }
+        batch, context = problem.inner_inputs(differentiable=True)
         if self.hvp == "forward":
-            return unroll_forward_over_reverse(
-                problem.inner, problem.start, problem.task.support, problem.context, **kwargs
-            )
+            return unroll_forward_over_reverse(problem.inner, problem.start, batch, context, **kwargs)
         return unroll_checkpointed(
-            problem.inner,
-            problem.start,
-            problem.task.support,
-            problem.context,
-            segment=self.checkpoint,
-            **kwargs,
+            problem.inner, problem.start, batch, context, segment=self.checkpoint, **kwargs
         )
 
     def backward(self, loss: torch.Tensor, wrt: Mapping[str, torch.Tensor]) -> Params:
