@@ -162,15 +162,22 @@ def check(model: nn.Module, learner: MetaLearner, batch: Any) -> Report:
             "check(model, learner, batch): learner.model is not this model; pass the model the learner "
             f"was built on ({type(learner.model).__name__})."
         )
+    loss_fn = learner.loss_fn
     if isinstance(batch, Task):
+        loss_fn = batch.loss_fn if batch.loss_fn is not None else loss_fn
         batch = batch.support
+    if loss_fn is None:
+        raise ValueError(
+            "check(): the learner has loss_fn=None, so its tasks carry their own losses; pass one of them, "
+            "check(model, learner, mk.Task(support, query, loss_fn=...)), so the batch can be run."
+        )
     second_order = _differentiates_inner_gradients(learner)
     forward_hvp = getattr(learner.strategy, "hvp", None) == "forward"
     findings = _spec_findings(model, learner)
     findings += _batch_findings(model, batch)
     findings += _rnn_findings(model, second_order)
     if not any(f.kind in ("dtype-mismatch", "device-mismatch") and f.severity == "error" for f in findings):
-        findings += _run_findings(model, learner, batch, second_order, forward_hvp)
+        findings += _run_findings(model, learner, loss_fn, batch, second_order, forward_hvp)
     title = f"{type(model).__name__} with {learner.strategy!r}"
     return Report(title, _unique(findings))
 
@@ -369,14 +376,11 @@ class _Trace(TorchDispatchMode):
 
 
 def _run_findings(
-    model: nn.Module, learner: MetaLearner, batch: Any, second_order: bool, forward_hvp: bool
+    model: nn.Module, learner: MetaLearner, loss_fn: Any, batch: Any, second_order: bool, forward_hvp: bool
 ) -> list[Finding]:
     all_params = dict(model.named_parameters())
     inner = {n: all_params[n] for n in learner.shared_names + learner.inner_only_names}
     outer_only = {n: all_params[n] for n in learner.outer_only_names}
-    loss_fn = learner.loss_fn
-    if loss_fn is None:
-        return []  # every task carries its own loss; nothing to run the batch with
     buffers = {name: b.detach().clone() for name, b in model.named_buffers()}
     versions = {name: b._version for name, b in model.named_buffers()}
     findings: list[Finding] = []

@@ -303,6 +303,14 @@ def test_report_prints_like_explain_and_task_uses_the_support_batch():
     assert text.count("what follows:") == 2 and text.count("fix:") == 2
 
 
+def test_a_tasks_own_loss_is_used_and_a_missing_loss_is_one_clear_error():
+    model = _mlp()
+    learner = _learner(model, loss_fn=None)
+    assert len(check(model, learner, mk.Task(_batch(), _batch(), loss_fn=squared_error))) == 0
+    with pytest.raises(ValueError, match="loss_fn=None"):
+        check(model, learner, _batch())
+
+
 def test_model_must_be_the_learners():
     with pytest.raises(ValueError, match=r"learner\.model is not this model"):
         check(_mlp(), _learner(_mlp()), _batch())
