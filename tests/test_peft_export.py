@@ -170,5 +170,6 @@ def test_a_scale_not_stored_as_a_number_is_measured_from_the_layer(tmp_path):
     export_peft(model, tmp_path)
     config = json.loads((tmp_path / "adapter_config.json").read_text())
     assert config["r"] == 4 and config["lora_alpha"] == pytest.approx(3.0, abs=1e-5)
+    assert config["alpha_pattern"] == {}
     loaded = peft.PeftModel.from_pretrained(_base(original), tmp_path).eval()
     torch.testing.assert_close(_logits(loaded), expected, rtol=0, atol=1e-5)

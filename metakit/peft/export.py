@@ -215,7 +215,7 @@ def _lora_scale(name: str, layer: PELinear) -> float:
         raise ValueError(
             f"export_peft: {name}'s output is not W x + b + scale · B A x, so peft cannot represent it."
         )
-    return scale
+    return float(f"{scale:.6g}")  # so layers that share alpha / rank share one value in the config
 
 
 def _save_base(model: nn.Module, base_dir: Path, values: Mapping[str, torch.Tensor]) -> Path:
