@@ -85,6 +85,17 @@ class Report:
     Attributes:
         findings: every finding, errors first.
         title: what was checked (model, strategy).
+
+    Example:
+        >>> from metakit.check import Finding, Report
+        >>> report = Report("Net", [Finding("dropout", "warning", "1", "the gradient is random.", "model.eval().")])
+        >>> report.ok, report.kinds()
+        (True, {'dropout'})
+        >>> print(report)
+        check: Net: 1 warning
+        [warning] dropout at 1
+            what follows: the gradient is random.
+            fix: model.eval().
     """
 
     def __init__(self, title: str, findings: Sequence[Finding]):

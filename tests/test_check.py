@@ -1,5 +1,7 @@
 """metakit.check: each finding on a small model that has it, and nothing on a clean one."""
 
+import doctest
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -336,3 +338,8 @@ def test_tiny_bert_in_train_mode_reports_dropout_and_attention_only():
     assert "bert.embeddings.dropout" in report.of_kind("dropout")[0].where
     model.eval()
     assert check(model, learner, batch).kinds() <= {"fused-attention"}
+
+
+def test_docstring_examples_run():
+    results = doctest.testmod(check_module)
+    assert results.failed == 0 and results.attempted >= 8, results
