@@ -13,6 +13,7 @@ Example:
 from __future__ import annotations
 
 import re
+import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
@@ -572,7 +573,11 @@ def _double_backward_probe(model, loss_fn, batch, inner, outer_only, trace: _Tra
 
 def _forward_ad_probe(model, loss_fn, batch, inner, trace: _Trace, found: list[Finding]) -> list[Finding]:
     try:
-        with torch.enable_grad(), double_backward_safe(), fwAD.dual_level():
+        with torch.enable_grad(), double_backward_safe(), fwAD.dual_level(), warnings.catch_warnings():
+            # make_dual's first call loads torch's jvp decompositions through torch.jit.script.
+            warnings.filterwarnings(
+                "ignore", message=r".*torch\.jit\.script.*deprecated", category=DeprecationWarning
+            )
             duals = {name: fwAD.make_dual(p, torch.randn_like(p)) for name, p in inner.items()}
             loss = loss_fn(bind(model, duals, check_names=False), batch)
             torch.autograd.grad(loss, list(inner.values()), create_graph=True, allow_unused=True)
