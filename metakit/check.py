@@ -188,7 +188,8 @@ def check(model: nn.Module, learner: MetaLearner, batch: Any) -> Report:
     findings = _spec_findings(model, learner)
     findings += _batch_findings(model, batch)
     findings += _rnn_findings(model, second_order)
-    if not any(f.kind in ("dtype-mismatch", "device-mismatch") and f.severity == "error" for f in findings):
+    # A batch on another device cannot run; a dtype mismatch may (promotion), so it is tried.
+    if not any(f.kind == "device-mismatch" for f in findings):
         findings += _run_findings(model, learner, loss_fn, batch, second_order, forward_hvp)
     title = f"{type(model).__name__} with {learner.strategy!r}"
     return Report(title, _unique(findings))
@@ -290,7 +291,7 @@ def _batch_findings(model: nn.Module, batch: Any) -> list[Finding]:
             findings.append(
                 Finding(
                     "dtype-mismatch",
-                    "error",
+                    "warning",
                     where,
                     f"the batch tensor is {tensor.dtype} but the model's parameters are {model_dtype}; the "
                     "forward fails or promotes silently, and gradients are not in the precision you chose.",
@@ -638,4 +639,8 @@ def _first_line(err: BaseException) -> str:
 
 
 def _unique(findings: list[Finding]) -> list[Finding]:
-    return list(dict.fromkeys(findings))
+    """One finding per (kind, where): the module-tree check's wording wins over a probe's."""
+    first: dict[tuple[str, str], Finding] = {}
+    for finding in findings:
+        first.setdefault((finding.kind, finding.where), finding)
+    return list(first.values())

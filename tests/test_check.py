@@ -281,9 +281,14 @@ def test_dtype_and_device_mismatches_between_model_and_batch():
     model = _mlp()
     x, y = _batch()
     report = check(model, _learner(model), (x.double(), y))
-    finding = _only(report, "dtype-mismatch")
+    assert report.kinds() == {"dtype-mismatch", "forward-failed"} and not report.ok, str(report)
+    (finding,) = report.of_kind("dtype-mismatch")
     assert finding.where == "batch[0]" and "torch.float64" in finding.what and "torch.float32" in finding.what
-    assert not report.ok
+    assert "dtype" in report.of_kind("forward-failed")[0].what  # the forward's own message says why
+
+    # A float target of another dtype promotes silently: it runs, and the mismatch is still reported.
+    report = check(model, _learner(model), (x, y.double()))
+    assert _only(report, "dtype-mismatch").where == "batch[1]" and report.ok
 
     report = check(model, _learner(model), {"x": x.to("meta"), "y": y})
     finding = _only(report, "device-mismatch")
