@@ -552,10 +552,17 @@ def _no_forward_ad(where: str, what: str) -> Finding:
 
 def _double_backward_probe(model, loss_fn, batch, inner, outer_only, trace: _Trace) -> list[Finding]:
     targets = list(inner.values())
+    detached: set[type] = set()  # custom Functions whose backward returned a graph-less gradient
+    handles = []
     try:
         with torch.enable_grad(), double_backward_safe():
             loss = loss_fn(bind(model, inner, check_names=False), batch)
+            for node in _custom_nodes(loss):
+                handles.append(node.register_hook(_watch_backward(node, detached)))
             grads = torch.autograd.grad(loss, targets, create_graph=True, allow_unused=True)
+            # The second backward passes these nodes again, without create_graph: stop watching.
+            for handle in handles:
+                handle.remove()
             live = [g for g in grads if g is not None and g.requires_grad]
             if live:
                 total = sum((g * g).sum() for g in live)
@@ -569,7 +576,49 @@ def _double_backward_probe(model, loss_fn, batch, inner, outer_only, trace: _Tra
         if "once_differentiable" in str(err) and trace.functions:
             return []  # already reported by name from the trace
         return [_no_double_backward("(unknown op)", f"the double backward failed ({_first_line(err)})")]
-    return []
+    finally:
+        for handle in handles:
+            handle.remove()
+    return [
+        _no_double_backward(
+            trace.functions.get(cls, "(unknown module)"), f"custom autograd.Function {cls.__name__}"
+        )
+        for cls in detached
+    ]
+
+
+def _custom_nodes(output: torch.Tensor) -> list[Any]:
+    """The custom autograd.Function nodes in ``output``'s graph."""
+    found, seen, todo = [], set(), [output.grad_fn]
+    while todo:
+        node = todo.pop()
+        if node is None or id(node) in seen:
+            continue
+        seen.add(id(node))
+        if getattr(node, "_forward_cls", None) is not None:
+            found.append(node)
+        todo.extend(next_node for next_node, _ in node.next_functions)
+    return found
+
+
+def _watch_backward(node: Any, detached: set[type]):
+    """A node hook noting a backward that, under create_graph, returns gradients with no graph.
+
+    That is a backward written outside autograd (``.detach()``, NumPy, ``no_grad``): its gradient is
+    right, but the second-order term through it is silently zero. It only counts when the gradient
+    could have had a graph: an incoming gradient or a saved tensor requires grad.
+    """
+
+    def hook(grad_inputs, grad_outputs):
+        if any(g is not None and g.requires_grad for g in grad_inputs):
+            return
+        saved = getattr(node, "saved_tensors", ())
+        if any(g is not None and g.requires_grad for g in grad_outputs) or any(
+            t is not None and t.requires_grad for t in saved
+        ):
+            detached.add(node._forward_cls)
+
+    return hook
 
 
 def _forward_ad_probe(model, loss_fn, batch, inner, trace: _Trace, found: list[Finding]) -> list[Finding]:

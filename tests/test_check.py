@@ -119,6 +119,20 @@ class _Square(torch.autograd.Function):
         return 2 * x * grad
 
 
+class _SquareDetached(torch.autograd.Function):
+    """Right first derivative, but its backward leaves autograd: the second-order term is lost."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return x * x
+
+    @staticmethod
+    def backward(ctx, grad):
+        (x,) = ctx.saved_tensors
+        return 2 * x.detach() * grad.detach()
+
+
 class _Apply(nn.Module):
     def __init__(self, function):
         super().__init__()
@@ -136,6 +150,15 @@ def test_custom_function_marked_once_differentiable_is_named_with_its_module():
     assert not check(model, _learner(model), _batch()).ok
     # First order never differentiates the backward: nothing to report.
     assert len(check(model, _learner(model, strategy=mk.FirstOrder()), _batch())) == 0
+
+
+def test_custom_function_whose_backward_leaves_autograd_is_found_by_the_probe():
+    model = nn.Sequential(nn.Linear(3, 8), _Apply(_SquareDetached), nn.Linear(8, 1))
+    finding = _only(check(model, _learner(model), _batch()), "no-double-backward")
+    assert finding.where == "1" and "_SquareDetached" in finding.what and "silently" in finding.what
+    # The same Function written with torch ops in its backward is twice differentiable: nothing to report.
+    model = nn.Sequential(nn.Linear(3, 8), _Apply(_Square), nn.Linear(8, 1))
+    assert len(check(model, _learner(model), _batch())) == 0
 
 
 def test_op_without_double_backward_found_by_a_real_double_backward():
