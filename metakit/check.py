@@ -347,7 +347,8 @@ class _Trace(TorchDispatchMode):
         super().__init__()
         self.paths = {id(m): name or "(model)" for name, m in model.named_modules(remove_duplicate=False)}
         self.stack: list[str] = []
-        self.ops: list[tuple[str, str, tuple]] = []  # (op name, module path, args)
+        # (op name, module path, random?): no tensors are kept, so the trace holds no activations.
+        self.ops: list[tuple[str, str, bool]] = []
         self.functions: dict[type, str] = {}  # custom autograd.Function class -> module path
         self._seen: set[int] = set()
         self._handles = []
@@ -384,7 +385,9 @@ class _Trace(TorchDispatchMode):
         return ", ".join(paths[:3]) + (f" (+{len(paths) - 3} more)" if len(paths) > 3 else "") or op
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.ops.append((func.overloadpacket.__name__, self.stack[-1] if self.stack else "(loss)", args))
+        name = func.overloadpacket.__name__
+        random = name in _RANDOM_OPS or (bool(_FUSED_ATTENTION.fullmatch(name)) and _sdpa_dropout(args) > 0)
+        self.ops.append((name, self.stack[-1] if self.stack else "(loss)", random))
         return func(*args, **(kwargs or {}))
 
 
@@ -486,13 +489,7 @@ def _trace_findings(trace: _Trace, model: nn.Module, second_order: bool, forward
                 "nothing to do.",
             )
         )
-    random_paths = list(
-        dict.fromkeys(
-            path
-            for name, path, args in trace.ops
-            if name in _RANDOM_OPS or (_FUSED_ATTENTION.fullmatch(name) and _sdpa_dropout(args) > 0)
-        )
-    )
+    random_paths = list(dict.fromkeys(path for _, path, random in trace.ops if random))
     if random_paths:
         findings.append(
             Finding(
