@@ -407,6 +407,8 @@ def _run_findings(
                 with trace, torch.enable_grad():
                     loss = loss_fn(bind(model, inner, check_names=False), batch)
                 trace.collect_functions(loss, "(loss function)")
+                differentiable = loss.requires_grad
+                del loss  # free the traced forward's graph before the probes build theirs
             finally:
                 trace.remove()
         except Exception as err:  # the user's forward failed: that is the finding
@@ -424,7 +426,7 @@ def _run_findings(
         _restore(model, buffers)
         findings += _trace_findings(trace, model, second_order, forward_hvp)
         # Forward-over-reverse replaces the reverse double backward under hvp="forward".
-        if second_order and not forward_hvp and loss.requires_grad:
+        if second_order and not forward_hvp and differentiable:
             findings += _double_backward_probe(model, loss_fn, batch, inner, outer_only, trace)
             _restore(model, buffers)
         if forward_hvp:
