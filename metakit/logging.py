@@ -22,6 +22,8 @@ class TensorBoardLogger:
         is after the final step); the custom-scalars tab shows them as one multi-line chart.
         ``inner_loss_task_{t}/step_{s}``: the same per task, if ``per_task``.
         ``meta/query_loss``, ``grad_norm/{group}``, ``inner_lr_scale/{param}`` (MetaSGD, mean scale).
+        ``diagnostics/{name}/mean`` and ``.../max``: over the tasks, for every entry of the result's
+        ``diagnostics`` (per-task tensors a strategy reports, e.g. ``Implicit``'s ``cg_residual``).
     Every ``curve_every`` meta-steps it also adds a figure of the inner-loss curve against the inner
     step (mean and per task), so the curve of one meta-step reads as a single picture.
 
@@ -58,6 +60,7 @@ class TensorBoardLogger:
                 "outer loop": {
                     "query loss": ["Multiline", ["meta/query_loss"]],
                     "meta-gradient norm by group": ["Multiline", [r"grad_norm/.*"]],
+                    "strategy diagnostics (mean and max over tasks)": ["Multiline", [r"diagnostics/.*"]],
                 },
             }
         )
@@ -75,6 +78,9 @@ class TensorBoardLogger:
         self.writer.add_scalar("meta/query_loss", query_loss, step)
         for group, norm in result.grad_norms.items():
             self.writer.add_scalar(f"grad_norm/{group}", norm, step)
+        for name, values in _diagnostics(result).items():
+            self.writer.add_scalar(f"diagnostics/{name}/mean", float(values.mean()), step)
+            self.writer.add_scalar(f"diagnostics/{name}/max", float(values.max()), step)
         if learner is not None:
             for name, scale in learner.inner_lrs().items():
                 self.writer.add_scalar(f"inner_lr_scale/{name}", float(scale.mean()), step)
@@ -103,18 +109,36 @@ class TensorBoardLogger:
         self.close()
 
 
+def _diagnostics(result: MetaStepResult) -> dict[str, torch.Tensor]:
+    """The result's per-task diagnostics as float tensors with at least one element (empty if none)."""
+    diagnostics = getattr(result, "diagnostics", None) or {}
+    out = {}
+    for name, value in diagnostics.items():
+        values = torch.as_tensor(value).detach().float().reshape(-1)
+        if values.numel():
+            out[name] = values
+    return out
+
+
 def _curve_figure(inner_losses: torch.Tensor, step: int):
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     fig, ax = plt.subplots(figsize=(4, 3))
     losses = inner_losses.float()
+    steps = list(range(losses.shape[1]))
     for task_curve in losses:
-        ax.plot(task_curve.tolist(), color="0.75", linewidth=0.8)
-    ax.plot(losses.mean(0).tolist(), color="C0", linewidth=2, marker="o", label="mean over tasks")
-    ax.set(xlabel="inner step", ylabel="support loss", title=f"meta-step {step}")
+        ax.plot(steps, task_curve.tolist(), color="0.75", linewidth=0.8)
+    ax.plot(steps, losses.mean(0).tolist(), color="C0", linewidth=2, marker="o", label="mean over tasks")
+    # Inner steps are whole numbers: no 0.0-1.0 fractions when there is a single step.
+    if len(steps) <= 11:
+        ax.set_xticks(steps)
+    else:
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set(xlabel="inner step (0 = before adapting)", ylabel="support loss", title=f"meta-step {step}")
     ax.legend()
     fig.tight_layout()
     return fig

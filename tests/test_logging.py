@@ -1,12 +1,15 @@
 """TensorBoard logs are readable back; sine MAML actually learns."""
 
+import matplotlib.pyplot
+import pytest
 import torch
 import torchopt
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import metakit as mk
 from metakit import recipes
-from metakit.logging import TensorBoardLogger
+from metakit.learner import MetaStepResult
+from metakit.logging import TensorBoardLogger, _curve_figure
 from metakit.tasks import SineTasks, mse_loss, sine_mlp
 
 
@@ -61,3 +64,53 @@ def test_sine_maml_learns_well_below_the_untrained_baseline():
         optimizer.zero_grad()
     trained = post_adaptation_loss()
     assert trained < 0.6 * baseline, (baseline, trained)
+
+
+def _scalars(log_dir) -> EventAccumulator:
+    events = EventAccumulator(str(log_dir), size_guidance={"scalars": 0})
+    events.Reload()
+    return events
+
+
+def test_diagnostics_are_logged_as_mean_and_max_over_tasks(tmp_path):
+    result = MetaStepResult(
+        loss=torch.tensor(0.5),
+        inner_losses=torch.tensor([[1.0, 0.5], [2.0, 1.0]]),
+        query_losses=torch.tensor([0.4, 0.6]),
+    )
+    result.diagnostics = {
+        "cg_residual": torch.tensor([1e-3, 3e-3]),
+        "optimality_residual": torch.tensor([0.25, 0.75]),
+    }
+    with TensorBoardLogger(tmp_path) as logger:
+        logger.log_meta_step(7, result, None)
+        plain = MetaStepResult(result.loss, result.inner_losses, result.query_losses)
+        logger.log_meta_step(8, plain, None)  # a result without diagnostics logs none
+    events = _scalars(tmp_path)
+    expected = {
+        "diagnostics/cg_residual/mean": 2e-3,
+        "diagnostics/cg_residual/max": 3e-3,
+        "diagnostics/optimality_residual/mean": 0.5,
+        "diagnostics/optimality_residual/max": 0.75,
+    }
+    for tag, value in expected.items():
+        (event,) = events.Scalars(tag)
+        assert event.step == 7 and abs(event.value - value) < 1e-9, (tag, event.value)
+
+
+@pytest.mark.parametrize("steps", [1, 3, 25])
+def test_inner_curve_figure_labels_inner_steps_as_integers(steps):
+    losses = torch.rand(3, steps + 1)
+    fig = _curve_figure(losses, step=0)
+    fig.canvas.draw()
+    (ax,) = fig.axes
+    lo, hi = ax.get_xlim()
+    ticks = [t for t in ax.get_xticks() if lo <= t <= hi]
+    assert ticks and all(float(t).is_integer() for t in ticks), ticks
+    labels = [label.get_text().replace("−", "-") for label in ax.get_xticklabels() if label.get_text()]
+    assert all(label.lstrip("-").isdigit() for label in labels), labels
+    if steps == 1:
+        assert labels == ["0", "1"]
+    if steps <= 10:
+        assert ticks == list(range(steps + 1))  # every step gets its own tick
+    matplotlib.pyplot.close(fig)
