@@ -5,6 +5,7 @@ Compose a meta-learner from a model, a loss, an :class:`InnerLoop`, the outer pa
 """
 
 from metakit import executors, tasks
+from metakit.check import Finding, Report, check
 from metakit.functional import bind, double_backward_safe
 from metakit.implicit import ImplicitResidualError, ImplicitResidualWarning
 from metakit.inner import InnerLoop, InnerLossError
@@ -21,6 +22,7 @@ __version__ = "0.1.0"
 __all__ = [
     "Cut",
     "CutError",
+    "Finding",
     "FirstOrder",
     "ForwardModeError",
     "Implicit",
@@ -31,6 +33,7 @@ __all__ = [
     "MetaLearner",
     "MetaStepResult",
     "Partition",
+    "Report",
     "Reptile",
     "SecondOrder",
     "Spec",
@@ -41,6 +44,7 @@ __all__ = [
     "Truncated",
     "Unrolled",
     "bind",
+    "check",
     "combine",
     "double_backward_safe",
     "everything",

@@ -25,6 +25,7 @@ Every PE kind declares the parameter names it adds (:class:`PEKind`); :func:`pe_
 
 from metakit.peft.adapters import HoulsbyAdapter, add_houlsby_adapters, add_top_adapter
 from metakit.peft.cuts import feature_cut
+from metakit.peft.export import export_peft
 from metakit.peft.interop import peft_params
 from metakit.peft.io import load_pe, save_pe
 from metakit.peft.kinds import PEKind, pe_globs, pe_kinds, pe_spec
@@ -57,6 +58,7 @@ __all__ = [
     "add_tarp",
     "add_top_adapter",
     "backbone_spec",
+    "export_peft",
     "feature_cut",
     "find_layout",
     "head_spec",
