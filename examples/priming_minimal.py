@@ -79,10 +79,11 @@ def run(name: str, model: torch.nn.Module, learner: mk.MetaLearner) -> None:
     start = time.perf_counter()
     for step in range(META_STEPS):
         shifts = torch.randint(0, 60, (TASKS_PER_STEP,), generator=generator).tolist()
-        result = learner.meta_step([language_task(s, generator) for s in shifts])
+        report = step % 10 == 0 or step == META_STEPS - 1
+        result = learner.meta_step([language_task(s, generator) for s in shifts], final_support_loss=report)
         optimizer.step()
         optimizer.zero_grad()
-        if step % 10 == 0 or step == META_STEPS - 1:
+        if report:
             inner = result.inner_losses.mean(0)
             print(
                 f"  [{name}] step {step:3d}  query loss {result.loss.item():.3f}  "

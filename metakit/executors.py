@@ -20,7 +20,7 @@ import torch
 
 from metakit.problem import Strategy, TaskGradient, TaskProblem
 
-__all__ = ["Executor", "MetaBatchGradient", "Sequential"]
+__all__ = ["Executor", "MetaBatchGradient", "Sequential", "Vmap", "VmapError"]
 
 Params = dict[str, torch.Tensor]
 
@@ -101,3 +101,7 @@ def combine_outcomes(total: Params, total_lr: Params, outcomes: Sequence[TaskGra
             for name in names
         },
     )
+
+
+# Vmap lives in its own module (the per-task computation written with torch.func); exported here.
+from metakit.vmap import Vmap, VmapError  # noqa: E402

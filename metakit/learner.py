@@ -29,6 +29,8 @@ class MetaStepResult:
     Attributes:
         loss: mean query loss over the tasks (detached scalar).
         inner_losses: support loss before each inner step and after the last, ``[n_tasks, steps + 1]``.
+            The last column costs one more forward per task, so it is computed only when asked
+            (``meta_step(..., final_support_loss=True)``) or when a logger is attached; otherwise NaN.
         query_losses: each task's query loss, ``[n_tasks]``.
         grad_norms: L2 norm of the meta-gradient per group: ``"shared"`` (inner ∩ outer),
             ``"outer_only"``, ``"inner_lr"`` (MetaSGD scales), and ``"total"``.
@@ -175,18 +177,27 @@ class MetaLearner:
         self.step = int(state["step"])
         self.lr_scales.load_state_dict(state["lr_scales"])
 
-    def meta_step(self, tasks: Sequence[Task], logger: Any = None) -> MetaStepResult:
+    def meta_step(
+        self, tasks: Sequence[Task], logger: Any = None, *, final_support_loss: bool | None = None
+    ) -> MetaStepResult:
         """Adapt to each task, then accumulate the mean meta-gradient into the outer ``.grad``.
 
         Args:
             tasks: the meta-batch, a non-empty sequence of :class:`Task`.
             logger: overrides the learner's logger for this step.
+            final_support_loss: also record each task's support loss after the last inner step
+                (``inner_losses[:, -1]``; one more forward per task). Default: when a logger is attached.
         """
         tasks = self._check_tasks(tasks)
+        logger = logger if logger is not None else self.logger
+        trace_final = final_support_loss if final_support_loss is not None else logger is not None
         params = dict(self.model.named_parameters())
         partition = self._partition(params)
         lr_scales = {self._lr_names[k]: v for k, v in self.lr_scales.items()} or None
-        problems = [self._problem(task, index, partition, lr_scales) for index, task in enumerate(tasks)]
+        problems = [
+            self._problem(task, index, partition, lr_scales, trace_final=trace_final)
+            for index, task in enumerate(tasks)
+        ]
         batch = self.executor.run(self.strategy, problems)
 
         _check_finite_grads({**batch.grads, **batch.lr_grads})
@@ -202,7 +213,6 @@ class MetaLearner:
             grad_norms=self._grad_norms(batch.grads, batch.lr_grads),
             diagnostics=batch.diagnostics,
         )
-        logger = logger if logger is not None else self.logger
         if logger is not None:
             logger.log_meta_step(self.step, result, self)
         self.step += 1
@@ -217,7 +227,7 @@ class MetaLearner:
         task = task_or_batch if isinstance(task_or_batch, Task) else Task(task_or_batch, None)
         params = {name: value.detach() for name, value in self.model.named_parameters()}
         lr_scales = {self._lr_names[k]: v.detach() for k, v in self.lr_scales.items()} or None
-        problem = self._problem(task, 0, self._partition(params), lr_scales)
+        problem = self._problem(task, 0, self._partition(params), lr_scales, trace_final=False)
         with torch.enable_grad():  # inner gradients are needed even when evaluating under no_grad()
             adapted = problem.adapt(differentiable_steps=0)
         return {name: value.detach() for name, value in adapted.params.items()}
@@ -232,7 +242,9 @@ class MetaLearner:
             frozen={n: p.detach() for n, p in params.items() if n not in named},
         )
 
-    def _problem(self, task: Task, index: int, partition: Partition, lr_scales) -> TaskProblem:
+    def _problem(
+        self, task: Task, index: int, partition: Partition, lr_scales, *, trace_final: bool = True
+    ) -> TaskProblem:
         return TaskProblem(
             model=self.model,
             loss_fn=self._loss_for(task, index),
@@ -242,6 +254,7 @@ class MetaLearner:
             index=index,
             lr_scales=lr_scales,
             cut=self.cut,
+            trace_final=trace_final,
         )
 
     def _check_tasks(self, tasks: Sequence[Task]) -> list[Task]:

@@ -49,7 +49,7 @@ def meta_grads(model, strategy, tasks, *, inner_spec=None, outer=None, optimizer
         **kw,
     )
     torch.manual_seed(seed)
-    result = learner.meta_step(tasks)
+    result = learner.meta_step(tasks, final_support_loss=True)
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     grads.update({f"lr:{k}": s.grad.clone() for k, s in learner.lr_scales.items()})
     return grads, result
