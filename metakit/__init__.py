@@ -5,12 +5,12 @@ Compose a meta-learner from a model, a loss, an :class:`InnerLoop`, the outer pa
 """
 
 from metakit import executors, tasks
-from metakit.check import Finding, Report, check
 from metakit.functional import bind, double_backward_safe
 from metakit.implicit import ImplicitResidualError, ImplicitResidualWarning
 from metakit.inner import InnerLoop, InnerLossError
 from metakit.lean import ForwardModeError
 from metakit.learner import MetaLearner, MetaStepResult
+from metakit.preflight import Finding, Report, check
 from metakit.problem import Partition, TaskGradient, TaskProblem
 from metakit.reuse import Cut, CutError
 from metakit.spec import Spec, combine, everything, explain, module_type, nothing, regex, select

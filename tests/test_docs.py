@@ -25,7 +25,7 @@ def test_mkdocs_build_strict(tmp_path):
     )
     assert done.returncode == 0, done.stdout + done.stderr
     check_page = (tmp_path / "api" / "check" / "index.html").read_text()
-    assert "metakit.check.check" in check_page and "Report" in check_page  # rendered from docstrings
+    assert "metakit.preflight.check" in check_page and "Report" in check_page  # rendered from docstrings
     assert (tmp_path / "results" / "fidelity_vs_cost.png").is_file()  # the hook published the plots
     strategies = (tmp_path / "strategies" / "index.html").read_text()
     assert "cosine to exact" in strategies  # the committed bench table is embedded

@@ -159,8 +159,8 @@ class TamsController:
             ``{sublayer: chosen candidate}``.
 
         Warns:
-            UserWarning: every ``α`` still has its value from insertion (zero: no meta-training has
-            moved it), so the choice is the initial one.
+            UserWarning: When every ``α`` still has its value from insertion (zero: no meta-training
+                has moved it), so the choice is the initial one.
         """
         names = list(self.layers)
         if all(self._layer(n).tams_fixed is not None for n in names):

@@ -88,7 +88,7 @@ class Report:
         title: what was checked (model, strategy).
 
     Example:
-        >>> from metakit.check import Finding, Report
+        >>> from metakit.preflight import Finding, Report
         >>> report = Report("Net", [Finding("dropout", "warning", "1", "the gradient is random.", "model.eval().")])
         >>> report.ok, report.kinds()
         (True, {'dropout'})
@@ -160,7 +160,7 @@ def check(model: nn.Module, learner: MetaLearner, batch: Any) -> Report:
 
     Example:
         >>> import torch, torchopt, metakit as mk
-        >>> from metakit.check import check
+        >>> from metakit.preflight import check
         >>> model = torch.nn.Sequential(torch.nn.Linear(1, 8), torch.nn.Dropout(0.1), torch.nn.Linear(8, 1))
         >>> learner = mk.MetaLearner(model, mk.tasks.mse_loss,
         ...     inner=mk.InnerLoop(mk.select("2.*"), torchopt.sgd(lr=0.1), steps=1),
