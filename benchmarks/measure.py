@@ -182,11 +182,18 @@ def _proximal_fidelity(config: Config, built, strategy, grads, inner_names, oute
         if cache is not None:
             torch.save(saved, cache)
     cosine, relative_error = cosine_and_relative_error(grads, saved["grads"])
+    summary = saved["summary"]
+    if not summary["converged"]:  # a cosine to an unconverged reference would mean nothing
+        return {
+            "proximal_reference": summary,
+            "fidelity_note": "the proximal reference did not converge (optimality residual "
+            f"{summary['optimality_residual']:.2g}); its cosine {cosine:.3f} is not a fidelity",
+        }
     return {
         "cosine": cosine,
         "rel_error": relative_error,
         "fidelity_reference": "proximal inner problem solved to convergence (benchmarks/reference.py)",
-        "proximal_reference": saved["summary"],
+        "proximal_reference": summary,
     }
 
 

@@ -25,7 +25,7 @@ from benchmarks.strategies import EXACT_REFERENCE, STRATEGIES, entry, strategy_l
 __all__ = ["strategy_styles", "write_plots"]
 
 _MARKERS = "osD^v<>pPXh*"
-_LINESTYLES = ("-", "--", "-.", (0, (1, 1)), (0, (5, 1, 1, 1, 1, 1)))
+_LINESTYLES = ("-", "--", "-.", (0, (8, 3)), (0, (5, 1, 1, 1, 1, 1)))  # dotted: the hand-written loop
 _NUDGE = 0.035  # relative shift along a log S axis between neighbouring strategies
 _DPI = 120
 
@@ -156,7 +156,7 @@ def _legend(figure, styles: dict[str, Style], names: Sequence[str], reference: b
         handles.append(
             plt.Line2D([], [], ls=":", marker="o", mfc="none", color="gray", label="hand-written loop")
         )
-    columns = min(4, len(handles)) or 1
+    columns = len(handles) if len(handles) <= 6 else math.ceil(len(handles) / 2)
     figure.legend(handles=handles, loc="upper center", ncol=columns, fontsize=8, frameon=False)
     rows = math.ceil(len(handles) / columns)
     return 1 - (0.05 + 0.045 * rows) * 3.4 / figure.get_figheight()
@@ -166,8 +166,8 @@ def _figure(columns: int, rows: int = 1, height: float = 3.4):
     return plt.subplots(rows, columns, figsize=(4.4 * columns, height * rows), squeeze=False)
 
 
-def _save(figure, path: Path, top: float) -> None:
-    figure.tight_layout(rect=(0, 0, 1, top))
+def _save(figure, path: Path, top: float, bottom: float = 0.0) -> None:
+    figure.tight_layout(rect=(0, bottom, 1, top))
     figure.savefig(path, dpi=_DPI)
     plt.close(figure)
 
@@ -227,19 +227,9 @@ def _cosine_axis(axis, cosines: Sequence[float]) -> None:
     axis.grid(alpha=0.3)
 
 
-def _label_points(axis, points: list[tuple[float, float, int]], log_x: bool) -> None:
-    """Label S once per place: points that would overlap share one ``S=1, 5`` label."""
-    x_values = [math.log10(x) if log_x else x for x, _, _ in points]
-    width = (max(x_values) - min(x_values)) or 1.0
-    places: dict[tuple[int, int], list[tuple[float, float, int]]] = defaultdict(list)
-    for (x, y, s), xv in zip(points, x_values, strict=True):
-        places[(round(xv / width / 0.06), round(y / 0.03))].append((x, y, s))
-    for members in places.values():
-        x, y, _ = members[0]
-        steps = sorted({s for _, _, s in members})
-        axis.annotate(
-            "S=" + ", ".join(map(str, steps)), (x, y), fontsize=7, xytext=(4, -10), textcoords="offset points"
-        )
+def _step_sizes(steps: Iterable[int]) -> dict[int, float]:
+    """Marker size per S (larger for more inner steps), instead of text labels that overlap."""
+    return {s: 4.0 + 2.5 * rank for rank, s in enumerate(sorted(set(steps)))}
 
 
 def _fidelity_vs_cost(by_workload: dict[str, list[dict]], path: Path) -> bool:
@@ -248,19 +238,14 @@ def _fidelity_vs_cost(by_workload: dict[str, list[dict]], path: Path) -> bool:
         exact_time = {
             r["config"]["steps"]: r["time_ms"] for r in records if r["config"]["strategy"] == EXACT_REFERENCE
         }
-        usable = [
-            r
-            for r in records
-            if r.get("cosine") is not None
-            and r["config"]["steps"] in exact_time
-            and r["config"]["strategy"] != EXACT_REFERENCE
-        ]
+        usable = [r for r in records if r.get("cosine") is not None and r["config"]["steps"] in exact_time]
         if usable:
             panels[workload] = (usable, exact_time)
     if not panels:
         return False
     every = [r for usable, _ in panels.values() for r in usable]
     styles = strategy_styles(_strategies(every))
+    sizes = _step_sizes(r["config"]["steps"] for r in every)
     figure, axes = _figure(len(panels))
     for axis, (workload, (usable, exact_time)) in zip(axes[0], panels.items(), strict=True):
         points = []
@@ -271,22 +256,36 @@ def _fidelity_vs_cost(by_workload: dict[str, list[dict]], path: Path) -> bool:
             xs = [r["time_ms"] / exact_time[r["config"]["steps"]] for r in mine]
             ys = [r["cosine"] for r in mine]
             style = styles[strategy]
-            axis.plot(xs, ys, color=style.color, marker=style.marker, ls=style.linestyle, lw=0.8, ms=6)
-            points += [(x, y, r["config"]["steps"]) for x, y, r in zip(xs, ys, mine, strict=True)]
-        _ratio_axis(axis, [x for x, _, _ in points])
-        _cosine_axis(axis, [y for _, y, _ in points])
-        _label_points(axis, points, axis.get_xscale() == "log")
+            axis.plot(xs, ys, color=style.color, ls=style.linestyle, lw=0.8)  # in order of S
+            for x, y, record in zip(xs, ys, mine, strict=True):
+                axis.plot(
+                    x,
+                    y,
+                    color=style.color,
+                    marker=style.marker,
+                    ms=sizes[record["config"]["steps"]],
+                    alpha=0.85,
+                )
+            points += list(zip(xs, ys, strict=True))
+        _ratio_axis(axis, [x for x, _ in points])
+        _cosine_axis(axis, [y for _, y in points])
         axis.axvline(1.0, color="gray", lw=0.6)
         axis.set_title(workload)
-    if any(entry(r["config"]["strategy"]).proximal and r.get("fidelity_reference") for r in every):
-        figure.text(
-            0.5,
-            0.01,
-            "Implicit: cosine to the exact gradient of its own proximal inner problem (solved to convergence).",
-            ha="center",
-            fontsize=7,
-        )
-    _save(figure, path, _legend(figure, styles, _strategies(every)))
+    figure.text(
+        0.5,
+        0.01,
+        "marker size: inner steps S = "
+        + ", ".join(map(str, sizes))
+        + " (small to large)"
+        + (
+            ". Implicit: cosine to the exact gradient of its own proximal inner problem (solved to convergence)."
+            if any(entry(r["config"]["strategy"]).proximal and r.get("fidelity_reference") for r in every)
+            else ""
+        ),
+        ha="center",
+        fontsize=8,
+    )
+    _save(figure, path, _legend(figure, styles, _strategies(every)), bottom=0.06)
     return True
 
 

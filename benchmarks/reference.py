@@ -116,7 +116,7 @@ def proximal_reference_gradient(
     outer_names: Sequence[str],
     lam: float,
     max_step_size: float = math.inf,
-    tol: float = 1e-6,
+    tol: float = 1e-4,
     max_steps: int = 2_000,
     patience: int = 200,
 ) -> ProximalReference:
@@ -142,7 +142,8 @@ def proximal_reference_gradient(
         outer_names: the parameters that get the meta-gradient (outer-only ones via the mixed term).
         lam: the proximal strength λ.
         max_step_size: upper bound on the solve's step size (the workload's inner learning rate).
-        tol: relative tolerance of the solve (optimality residual) and of the backward pass.
+        tol: relative tolerance of the solve (optimality residual) and of the backward pass; the
+            default suits float32, whose rounding stalls the solve near 1e-5.
         max_steps: cap on each pass; a pass that reaches it leaves ``converged`` False.
         patience: stop a pass after this many steps without progress (a new best residual in the
             solve, a smaller carried vector in the backward pass).
