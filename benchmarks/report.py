@@ -85,12 +85,22 @@ def markdown_table(records: Sequence[dict]) -> str:
 def legend(records: Sequence[dict]) -> str:
     """What each column of :func:`markdown_table` means, for the records at hand."""
     outcomes = [r["outcome"] for r in records if r.get("outcome")]
-    before = sorted({round(o["query_loss_before"], 2) for o in outcomes if "query_loss_before" in o})
+    before = {
+        r["config"]["steps"]: r["outcome"]["query_loss_before"]
+        for r in records
+        if r.get("outcome") and "query_loss_before" in r["outcome"]
+    }
     outcome_text = (
         f"meta-train from the workload's initial weights for {outcomes[0]['meta_steps']} meta-steps "
         f"({outcomes[0]['outer_optimizer']}, fresh meta-batches), then adapt to each of "
         f"{outcomes[0]['eval_tasks']} held-out tasks with S inner steps and average the query MSE"
-        + (f" (before meta-training: {', '.join(map(str, before))})" if before else "")
+        + (
+            " (the same evaluation before meta-training: "
+            + ", ".join(f"{loss:.2f} at S={s}" for s, loss in sorted(before.items()))
+            + ")"
+            if before
+            else ""
+        )
         if outcomes
         else "not measured in this run"
     )

@@ -246,7 +246,11 @@ def test_table_legend_explains_the_outcome_and_shows_residuals_only_when_measure
         "query_loss_before": 3.9, "query_loss_after": 1.7,
     }  # fmt: skip
     text = legend([record])
-    assert "40 meta-steps" in text and "100 held-out tasks" in text and "before meta-training: 3.9" in text
+    assert (
+        "40 meta-steps" in text
+        and "100 held-out tasks" in text
+        and "before meta-training: 3.90 at S=1" in text
+    )
     assert "residual" not in markdown_table([record])
     implicit = dict(record, config=dict(record["config"], strategy="implicit"), optimality_residual=0.25)
     implicit["fidelity_reference"] = "proximal"
