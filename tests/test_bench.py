@@ -326,8 +326,8 @@ def test_runner_records_are_well_formed(tmp_path):
             continue
         # every exact mode is SecondOrder()'s gradient, and the hand-written second-order loop's
         assert record["status"] == "ok", record.get("traceback")
-        assert math.isclose(record["cosine"], 1.0, abs_tol=1e-6) and record["rel_error"] < 1e-4
-        assert math.isclose(record["reference_cosine"], 1.0, abs_tol=1e-6)
+        assert math.isclose(record["cosine"], 1.0, abs_tol=1e-5) and record["rel_error"] < 1e-3
+        assert math.isclose(record["reference_cosine"], 1.0, abs_tol=1e-5)
 
     for record in (exact, first_order):
         assert record["status"] == "ok", record.get("traceback")
