@@ -6,7 +6,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from benchmarks.config import Config
-from benchmarks.strategies import names
+from benchmarks.strategies import EXACT_REFERENCE, names
 from benchmarks.workloads import WORKLOADS
 
 __all__ = ["FULL", "QUICK", "GridEntry", "canonical_workload", "default_strategies", "expand"]
@@ -38,11 +38,12 @@ class GridEntry:
 _ALL = names()
 _CORE = names(core=True)
 _SWEEP = names(sweep=True)
+_IMPLICIT = (EXACT_REFERENCE, *names(proximal=True))
 
 
 def default_strategies(workload: str) -> tuple[str, ...]:
     """The strategies ``workload`` is compared under unless the user names others."""
-    return {"all": _ALL, "core": _CORE, "sweep": _SWEEP}[WORKLOADS[workload].compared]
+    return {"all": _ALL, "core": _CORE, "sweep": _SWEEP, "implicit": _IMPLICIT}[WORKLOADS[workload].compared]
 
 
 QUICK = (

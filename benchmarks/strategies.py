@@ -96,10 +96,14 @@ EXACT_REFERENCE = "second-order"
 _BY_NAME = {e.name: e for e in STRATEGIES}
 
 
-def names(*, core: bool | None = None, sweep: bool | None = None) -> tuple[str, ...]:
-    """Names of the entries, in table order, optionally only those with ``core``/``sweep`` set as given."""
+def names(**flags: bool) -> tuple[str, ...]:
+    """Names of the entries in table order; ``names(core=True)`` keeps those whose ``core`` is True.
+
+    Raises:
+        AttributeError: a flag that :class:`StrategyEntry` does not have.
+    """
     return tuple(
-        e.name for e in STRATEGIES if (core is None or e.core == core) and (sweep is None or e.sweep == sweep)
+        e.name for e in STRATEGIES if all(getattr(e, flag) == value for flag, value in flags.items())
     )
 
 

@@ -72,6 +72,7 @@ def test_every_list_of_strategies_comes_from_the_table():
     assert default_strategies("sine") == default_strategies("bert") == table
     assert default_strategies("priming") == core
     assert default_strategies("bert-h128") == tuple(e.name for e in STRATEGIES if e.sweep)
+    assert default_strategies("sine-tanh") == ("second-order", *(e.name for e in STRATEGIES if e.proximal))
     for grid in (QUICK, FULL):
         assert {s for g in grid for s in g.strategies} <= set(table)
     # issue 9's grid: S = 1, 5, 10, 20 on sine and bert for every exact mode and FirstOrder
@@ -347,3 +348,41 @@ def test_runner_records_are_well_formed(tmp_path):
     assert {p.name for p in write_plots([exact, first_order, starved], tmp_path, "cpu")} >= {
         "time_vs_steps.png"
     }
+
+
+def test_implicit_agrees_with_the_proximal_reference_where_its_inner_problem_is_solved():
+    """On the smooth sine, metakit's Implicit with a solved inner problem gives the reference's gradient."""
+    import torchopt
+
+    import metakit as mk
+    from benchmarks.measure import cosine_and_relative_error
+    from benchmarks.reference import proximal_reference_gradient
+    from benchmarks.workloads import WORKLOADS
+    from metakit.task import Task
+
+    built = WORKLOADS["sine-tanh"].build(torch.device("cpu"))
+    model = built.model.double()
+    tasks = [
+        Task(tuple(t.double() for t in task.support), tuple(t.double() for t in task.query))
+        for task in built.tasks[:2]
+    ]
+    names = built.inner.names(model)
+    reference = proximal_reference_gradient(model, built.loss_fn, tasks, names, names, lam=10.0, tol=1e-8)
+    assert reference.converged and reference.optimality_residual <= 1e-8
+
+    def implicit_gradient(steps: int) -> dict[str, torch.Tensor]:
+        learner = mk.MetaLearner(
+            model,
+            built.loss_fn,
+            inner=mk.InnerLoop(params=built.inner, optimizer=torchopt.sgd(lr=0.05), steps=steps),
+            outer_params=built.outer,
+            strategy=mk.Implicit(lam=10.0, cg_steps=60, rtol=1e-12),
+        )
+        model.zero_grad(set_to_none=True)
+        learner.meta_step(tasks)
+        return {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    solved_cosine, solved_error = cosine_and_relative_error(implicit_gradient(400), reference.grads)
+    unsolved_cosine, _ = cosine_and_relative_error(implicit_gradient(2), reference.grads)
+    assert solved_cosine > 1 - 1e-8 and solved_error < 1e-4
+    assert unsolved_cosine < solved_cosine  # the reference tells an unsolved inner problem apart
