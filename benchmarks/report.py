@@ -157,6 +157,14 @@ def markdown_report(records: Sequence[dict], environment: dict) -> str:
     failures = _failures(records)
     if failures:
         lines += ["", "Configurations that did not complete:", "", *failures]
+    notes = [
+        f"- {r['config']['workload']} / {strategy_label(r['config']['strategy'])} / S={r['config']['steps']}: "
+        f"{r['fidelity_note']}"
+        for r in records
+        if r.get("fidelity_note")
+    ]
+    if notes:
+        lines += ["", "Fidelity notes:", "", *notes]
     return "\n".join(lines) + "\n"
 
 

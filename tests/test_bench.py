@@ -386,3 +386,30 @@ def test_implicit_agrees_with_the_proximal_reference_where_its_inner_problem_is_
     unsolved_cosine, _ = cosine_and_relative_error(implicit_gradient(2), reference.grads)
     assert solved_cosine > 1 - 1e-8 and solved_error < 1e-4
     assert unsolved_cosine < solved_cosine  # the reference tells an unsolved inner problem apart
+
+
+def test_proximal_fidelity_is_cached_per_run_and_needs_a_converged_reference(tmp_path, monkeypatch):
+    import functools
+    from types import SimpleNamespace
+
+    from benchmarks import measure
+    from benchmarks.measure import _proximal_fidelity
+    from benchmarks.workloads import WORKLOADS
+
+    built = WORKLOADS["sine-tanh"].build(torch.device("cpu"))
+    built.tasks = built.tasks[:2]
+    names = built.inner.names(built.model)
+    grads = {n: torch.ones_like(p) for n, p in built.model.named_parameters()}
+    config = Config("sine-tanh", "implicit", 1, grad_path=str(tmp_path / "sine-tanh__implicit__S1.grad.pt"))
+
+    solved = _proximal_fidelity(config, built, SimpleNamespace(lam=10.0), grads, names, names)
+    assert solved["proximal_reference"]["converged"] and -1 <= solved["cosine"] <= 1
+    assert (tmp_path / "sine-tanh__proximal-10.pt").exists()
+    again = _proximal_fidelity(config, built, SimpleNamespace(lam=10.0), grads, names, names)
+    assert again["cosine"] == solved["cosine"]  # read back, not recomputed
+
+    # λ = 1 needs thousands of steps here; 20 leave the reference unconverged
+    short = functools.partial(measure.proximal_reference_gradient, max_steps=20)
+    monkeypatch.setattr(measure, "proximal_reference_gradient", short)
+    with_unsolvable = _proximal_fidelity(config, built, SimpleNamespace(lam=1.0), grads, names, names)
+    assert "cosine" not in with_unsolvable and "did not converge" in with_unsolvable["fidelity_note"]
