@@ -23,7 +23,11 @@ _COLUMNS = (
     "status",
 )
 #: Shown only when some record has them (Implicit's per-task diagnostics, mean over tasks).
-_OPTIONAL_COLUMNS = {"optimality_residual": "inner optimality residual", "cg_residual": "CG residual"}
+_OPTIONAL_COLUMNS = {
+    "optimality_residual": "inner optimality residual",
+    "cg_residual": "CG residual",
+    "tasks_per_s_2_processes": "tasks/s, 1 / 2 processes",  # issue 11: filled once the executor exists
+}
 
 
 def _number(value: float | None, digits: int = 1) -> str:
@@ -54,9 +58,16 @@ def _row(record: dict, memory_key: str, optional: Sequence[str]) -> list[str]:
         _cosine(record),
         _number(record.get("rel_error"), 3),
         _number(outcome.get("query_loss_after"), 3),
-        *(_scientific(record.get(key)) for key in optional),
+        *(
+            _throughput(record) if key == "tasks_per_s_2_processes" else _scientific(record.get(key))
+            for key in optional
+        ),
         status,
     ]
+
+
+def _throughput(record: dict) -> str:
+    return f"{_number(record.get('tasks_per_s'))} / {_number(record.get('tasks_per_s_2_processes'))}"
 
 
 def _scientific(value: float | None) -> str:
@@ -114,7 +125,12 @@ def legend(records: Sequence[dict]) -> str:
         "† Implicit: against the exact gradient of its own proximal inner problem solved to convergence.",
         f"- **sine query MSE after meta-training** (sine only): {outcome_text}.",
     ]
-    if any(r.get(key) is not None for r in records for key in _OPTIONAL_COLUMNS):
+    if any(r.get("tasks_per_s_2_processes") is not None for r in records):
+        lines.append(
+            "- **tasks/s, 1 / 2 processes**: tasks of the meta-batch per second, in one process and with the "
+            "meta-batch split across two."
+        )
+    if any(r.get(key) is not None for r in records for key in ("optimality_residual", "cg_residual")):
         lines.append(
             "- **inner optimality residual**, **CG residual** (Implicit): mean over tasks of "
             "‖∇L_support(φ) + λ(φ − θ)‖ / ‖∇L_support(θ)‖ and of the conjugate-gradient solve's relative residual."

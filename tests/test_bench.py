@@ -257,6 +257,9 @@ def test_table_legend_explains_the_outcome_and_shows_residuals_only_when_measure
     implicit["fidelity_reference"] = "proximal"
     table = markdown_table([record, implicit])
     assert "inner optimality residual" in table and "2.5e-01" in table and " †" in table
+    assert "processes" not in table  # issue 11's column appears once a record has it
+    two = dict(record, tasks_per_s=100.0, tasks_per_s_2_processes=180.0)
+    assert "| 100.0 / 180.0 |" in markdown_table([two]) and "2 processes" in legend([two])
 
 
 def test_unknown_option_shows_the_bench_usage(capsys):
