@@ -5,6 +5,7 @@ Examples::
     metakit bench                                  # quick default, a few minutes on a CPU
     metakit bench --full --out benchmarks/results  # the committed grid
     metakit bench --workloads bert priming --strategies second-order first-order --steps 1 5
+    metakit bench --from-records benchmarks/results/records.json --out benchmarks/results
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ from pathlib import Path
 import torch
 
 from benchmarks.grid import FULL, QUICK, canonical_workload, expand
-from benchmarks.strategies import canonical_strategy
+from benchmarks.strategies import canonical_strategy, names
+from benchmarks.workloads import WORKLOADS
 
 __all__ = ["add_arguments", "run"]
 
@@ -50,10 +52,30 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _reject_unknown_options(parser: argparse.ArgumentParser) -> None:
+    """Report an unknown option with ``metakit bench``'s own usage.
+
+    argparse hands a subcommand's unknown options back to the top-level parser, whose message shows
+    ``metakit``'s usage and hides every ``bench`` option.
+    """
+    parse_known_args = parser.parse_known_args
+
+    def strict(args=None, namespace=None):
+        parsed, unknown = parse_known_args(args, namespace)
+        if unknown:
+            parser.error(
+                f"unrecognized arguments: {' '.join(unknown)} (see `metakit bench --help` for the options)"
+            )
+        return parsed, unknown
+
+    parser.parse_known_args = strict
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Add ``metakit bench``'s options to ``parser``."""
+    _reject_unknown_options(parser)
     parser.add_argument(
-        "--full", action="store_true", help="the full grid (S=1,5,10, size sweep) instead of the quick one"
+        "--full", action="store_true", help="the full grid (S=1,5,10,20, size sweep) instead of the quick one"
     )
     parser.add_argument(
         "--device",
@@ -63,11 +85,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--workloads", type=_names(canonical_workload), nargs="+", action="extend", metavar="NAME",
-        help="sine, bert, priming, bert-h128, bert-h512, or sweep (comma or space separated)",
+        help=f"{', '.join(WORKLOADS)}, or sweep (comma or space separated)",
     )  # fmt: skip
     parser.add_argument(
         "--strategies", type=_names(canonical_strategy), nargs="+", action="extend", metavar="NAME",
-        help="second-order, first-order, truncated-1, reptile, implicit (also SecondOrder, Truncated(1), ...)",
+        help=f"{', '.join(names())} (also SecondOrder, Truncated(1), ...)",
     )  # fmt: skip
     parser.add_argument(
         "--steps", type=_positive_int, nargs="+", metavar="S", help="inner steps, e.g. --steps 1 5 10"
@@ -113,14 +135,37 @@ def _unique(groups: list[list[str]] | None) -> list[str] | None:
 
 
 def _load_records(path: Path) -> tuple[list[dict], dict]:
-    """Records and environment from a ``records.json``, or records alone from a partial JSON-lines file."""
-    if not path.exists():
-        raise SystemExit(f"metakit bench: error: --from-records {path} does not exist")
-    if path.suffix == ".jsonl":
-        records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-        return records, {}
-    data = json.loads(path.read_text())
-    return data["records"], data["environment"]
+    """Records and environment from a ``records.json``, or records alone from a partial JSON-lines file.
+
+    Raises:
+        SystemExit: the file is missing, is not JSON, or does not hold ``metakit bench`` records.
+    """
+    if path.is_dir() and (path / "records.json").exists():
+        path = path / "records.json"
+    if not path.is_file():
+        raise SystemExit(f"metakit bench: error: --from-records {path} does not exist (or is not a file)")
+
+    def bad(reason: str) -> SystemExit:
+        return SystemExit(
+            f"metakit bench: error: --from-records {path} is not a records file of `metakit bench` ({reason}); "
+            "pass the records.json or records.partial.jsonl that a run wrote"
+        )
+
+    text = path.read_text(errors="replace")
+    try:
+        if path.suffix == ".jsonl":
+            records, environment = [json.loads(line) for line in text.splitlines() if line.strip()], {}
+        else:
+            data = json.loads(text)
+            if not isinstance(data, dict) or "records" not in data:
+                raise bad("no 'records' key at the top level")
+            records, environment = data["records"], data.get("environment") or {}
+    except json.JSONDecodeError as error:
+        raise bad(f"not valid JSON: {error}") from None
+    for number, record in enumerate(records, 1):
+        if not isinstance(record, dict) or not {"status", "config"} <= record.keys():
+            raise bad(f"record {number} lacks 'status' or 'config'")
+    return records, environment
 
 
 def _write_outputs(records: list[dict], environment: dict, out: Path) -> None:
@@ -161,9 +206,8 @@ def run(args: argparse.Namespace) -> int:
         memory_limit_gib=args.memory_limit_gib if device == "cpu" else 0.0,
     )
     environment = describe_environment(device, args.threads)
-    print(
-        f"metakit bench: {len(configs)} configurations on {device}, each in a fresh process", file=sys.stderr
-    )
+    count = f"{len(configs)} configuration{'s' if len(configs) != 1 else ''}"
+    print(f"metakit bench: {count} on {device}, each in a fresh process", file=sys.stderr)
     args.out.mkdir(parents=True, exist_ok=True)
     checkpoint = args.out / "records.partial.jsonl"
     checkpoint.write_text("")

@@ -21,6 +21,8 @@ class Config:
         reference: also run the hand-written loop (SecondOrder and FirstOrder only): its gradient,
             saved bytes and time, for metakit's overhead ratio.
         outcome_steps: meta-training budget for the outcome measurement (0: skip; sine only).
+        proximal_reference: for Implicit, also compute the proximal problem's exact gradient (costly;
+            computed once per workload and run, shared by its S values).
         threads: ``torch.set_num_threads`` in the worker (and OMP/MKL threads).
         memory_limit_gib: cap on the worker's address-space growth on CPU (0: none), so a
             configuration that needs too much memory fails alone instead of starving the machine.
@@ -34,6 +36,7 @@ class Config:
     repeats: int = 3
     reference: bool = True
     outcome_steps: int = 0
+    proximal_reference: bool = True
     threads: int = 1
     memory_limit_gib: float = 0.0
     grad_path: str = ""

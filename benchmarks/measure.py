@@ -12,6 +12,7 @@ import gc
 import statistics
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -19,11 +20,11 @@ from torch import nn
 from benchmarks.config import Config
 from benchmarks.memory import PeakRSS, SavedTensorCounter
 from benchmarks.outcome import meta_train_and_evaluate
-from benchmarks.reference import REFERENCE_STRATEGIES, reference_meta_step
-from benchmarks.strategies import build_learner
+from benchmarks.reference import proximal_reference_gradient, reference_meta_step
+from benchmarks.strategies import build_learner, entry
 from benchmarks.workloads import WORKLOADS
 
-__all__ = ["cosine_and_relative_error", "measure"]
+__all__ = ["cosine_and_relative_error", "mean_diagnostics", "measure"]
 
 MIB = 2**20
 
@@ -43,11 +44,16 @@ def measure(config: Config) -> dict:
     sync = _synchronizer(device)
     record: dict = {"status": "ok", "workload_info": built.info, "outer_tensors": len(outer_names)}
 
-    def metakit_step() -> torch.Tensor:
-        return learner.meta_step(built.tasks).loss
+    diagnostics: list[dict[str, float]] = []
 
+    def metakit_step() -> torch.Tensor:
+        result = learner.meta_step(built.tasks)
+        diagnostics.append(mean_diagnostics(result))
+        return result.loss
+
+    strategy = entry(config.strategy)
     run_reference = None
-    if config.reference and config.strategy in REFERENCE_STRATEGIES:
+    if config.reference and strategy.hand_written is not None:
 
         def run_reference() -> torch.Tensor:
             return reference_meta_step(
@@ -58,7 +64,7 @@ def measure(config: Config) -> dict:
                 outer_names,
                 lr=built.inner_lr,
                 steps=config.steps,
-                second_order=REFERENCE_STRATEGIES[config.strategy],
+                second_order=strategy.hand_written == "second-order",
                 head_from_first_task=built.priming,
             )
 
@@ -81,6 +87,11 @@ def measure(config: Config) -> dict:
     grads = _grads(model, outer_names)
     if config.grad_path:
         torch.save(grads, config.grad_path)
+
+    record.update(diagnostics[0])  # the warm-up step's: on the initial weights, like the gradient
+    if strategy.proximal:
+        _restore(model, initial)
+        record.update(_proximal_fidelity(config, built, learner.strategy, grads, inner_names, outer_names))
 
     # 2. bytes saved for backward during one meta-step
     _restore(model, initial)
@@ -115,6 +126,8 @@ def measure(config: Config) -> dict:
             reference_times.append(_timed(run_reference, model, sync))
     record["times_ms"] = times
     record["time_ms"] = statistics.median(times)
+    # One process; a distributed executor's run adds "tasks_per_s_2_processes" beside it.
+    record["tasks_per_s"] = len(built.tasks) / (record["time_ms"] / 1e3)
     if reference_times:
         record["reference_times_ms"] = reference_times
         record["reference_time_ms"] = statistics.median(reference_times)
@@ -125,6 +138,65 @@ def measure(config: Config) -> dict:
         _restore(model, initial)
         record["outcome"] = meta_train_and_evaluate(learner, built, config.outcome_steps)
     return record
+
+
+def mean_diagnostics(result) -> dict[str, float]:
+    """Mean over tasks of each per-task diagnostic a meta-step reports (Implicit's residuals), if any."""
+    reported = getattr(result, "diagnostics", None) or {}
+    return {key: float(torch.as_tensor(values).double().mean()) for key, values in reported.items()}
+
+
+def _proximal_fidelity(config: Config, built, strategy, grads, inner_names, outer_names) -> dict:
+    """Cosine and relative error to the proximal problem's exact gradient (hand-written), if affordable."""
+    if not (config.proximal_reference and WORKLOADS[config.workload].proximal_reference):
+        return {
+            "fidelity_note": "no proximal reference in this run or on this workload (too costly); "
+            "the cosine to SecondOrder() is in cosine_to_second_order"
+        }
+    # The reference does not depend on S: the first Implicit configuration of a run computes it.
+    cache = (
+        Path(config.grad_path).with_name(f"{config.workload}__proximal-{strategy.lam:g}.pt")
+        if config.grad_path
+        else None
+    )
+    if cache is not None and cache.exists():
+        saved = torch.load(cache)
+    else:
+        reference = proximal_reference_gradient(
+            built.model,
+            built.loss_fn,
+            built.tasks,
+            inner_names,
+            outer_names,
+            lam=strategy.lam,
+            max_step_size=built.inner_lr,
+        )
+        saved = {
+            "grads": reference.grads,
+            "summary": {
+                "lam": strategy.lam,
+                "optimality_residual": reference.optimality_residual,
+                "solver_steps": reference.solver_steps,
+                "adjoint_steps": reference.adjoint_steps,
+                "converged": reference.converged,
+            },
+        }
+        if cache is not None:
+            torch.save(saved, cache)
+    cosine, relative_error = cosine_and_relative_error(grads, saved["grads"])
+    summary = saved["summary"]
+    if not summary["converged"]:  # a cosine to an unconverged reference would mean nothing
+        return {
+            "proximal_reference": summary,
+            "fidelity_note": "the proximal reference did not converge (optimality residual "
+            f"{summary['optimality_residual']:.2g}); its cosine {cosine:.3f} is not a fidelity",
+        }
+    return {
+        "cosine": cosine,
+        "rel_error": relative_error,
+        "fidelity_reference": "proximal inner problem solved to convergence (benchmarks/reference.py)",
+        "proximal_reference": summary,
+    }
 
 
 def cosine_and_relative_error(

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 
 from benchmarks.strategies import strategy_label
 
-__all__ = ["markdown_report", "markdown_table"]
+__all__ = ["legend", "markdown_report", "markdown_table", "memory_column"]
 
 _COLUMNS = (
     "workload",
@@ -19,9 +19,15 @@ _COLUMNS = (
     "peak {memory} MiB",
     "cosine to exact",
     "rel. error",
-    "sine query loss after",
+    "sine query MSE after meta-training",
     "status",
 )
+#: Shown only when some record has them (Implicit's per-task diagnostics, mean over tasks).
+_OPTIONAL_COLUMNS = {
+    "optimality_residual": "inner optimality residual",
+    "cg_residual": "CG residual",
+    "tasks_per_s_2_processes": "tasks/s, 1 / 2 processes",  # issue 11: filled once the executor exists
+}
 
 
 def _number(value: float | None, digits: int = 1) -> str:
@@ -30,7 +36,14 @@ def _number(value: float | None, digits: int = 1) -> str:
     return f"{value:,.{digits}f}"
 
 
-def _row(record: dict, memory_key: str) -> list[str]:
+def _cosine(record: dict) -> str:
+    text = _number(record.get("cosine"), 4)
+    if record.get("fidelity_reference") and text != "–":
+        return text + " †"  # against the proximal problem's exact gradient, not SecondOrder()'s
+    return text
+
+
+def _row(record: dict, memory_key: str, optional: Sequence[str]) -> list[str]:
     config = record["config"]
     outcome = record.get("outcome") or {}
     status = record["status"] if record["status"] == "ok" else f"**{record['status']}**"
@@ -42,11 +55,23 @@ def _row(record: dict, memory_key: str) -> list[str]:
         _number(record.get("overhead_ratio"), 2),
         _number(record.get("saved_mib")),
         _number(record.get(memory_key)),
-        _number(record.get("cosine"), 4),
+        _cosine(record),
         _number(record.get("rel_error"), 3),
         _number(outcome.get("query_loss_after"), 3),
+        *(
+            _throughput(record) if key == "tasks_per_s_2_processes" else _scientific(record.get(key))
+            for key in optional
+        ),
         status,
     ]
+
+
+def _throughput(record: dict) -> str:
+    return f"{_number(record.get('tasks_per_s'))} / {_number(record.get('tasks_per_s_2_processes'))}"
+
+
+def _scientific(value: float | None) -> str:
+    return "–" if value is None else f"{value:.1e}"
 
 
 def memory_column(device: str) -> tuple[str, str]:
@@ -60,9 +85,56 @@ def markdown_table(records: Sequence[dict]) -> str:
     """One row per configuration; failed configurations show their status in bold."""
     device = records[0]["config"]["device"] if records else "cpu"
     memory_key, memory_name = memory_column(device)
+    optional = [key for key in _OPTIONAL_COLUMNS if any(r.get(key) is not None for r in records)]
     header = [column.format(memory=memory_name) for column in _COLUMNS]
+    header[-1:-1] = [_OPTIONAL_COLUMNS[key] for key in optional]
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    lines += ["| " + " | ".join(_row(record, memory_key)) + " |" for record in records]
+    lines += ["| " + " | ".join(_row(record, memory_key, optional)) + " |" for record in records]
+    return "\n".join(lines)
+
+
+def legend(records: Sequence[dict]) -> str:
+    """What each column of :func:`markdown_table` means, for the records at hand."""
+    outcomes = [r["outcome"] for r in records if r.get("outcome")]
+    before = {
+        r["config"]["steps"]: r["outcome"]["query_loss_before"]
+        for r in records
+        if r.get("outcome") and "query_loss_before" in r["outcome"]
+    }
+    outcome_text = (
+        f"meta-train from the workload's initial weights for {outcomes[0]['meta_steps']} meta-steps "
+        f"({outcomes[0]['outer_optimizer']}, fresh meta-batches), then adapt to each of "
+        f"{outcomes[0]['eval_tasks']} held-out tasks with S inner steps and average the query MSE"
+        + (
+            " (the same evaluation before meta-training: "
+            + ", ".join(f"{loss:.2f} at S={s}" for s, loss in sorted(before.items()))
+            + ")"
+            if before
+            else ""
+        )
+        if outcomes
+        else "not measured in this run"
+    )
+    lines = [
+        "- **ms/meta-step**: median of the timed meta-steps after a warm-up step.",
+        "- **× hand-written**: that time over a plain `torch.func` loop doing the same work "
+        "(`benchmarks/reference.py`), timed alternately in the same process.",
+        "- **saved for backward**: distinct storages autograd saved during one meta-step (a total, not a peak).",
+        "- **peak memory**: increase over the first (warm-up) meta-step of a fresh process.",
+        "- **cosine / rel. error**: the meta-gradient against SecondOrder()'s on the same weights and batch; "
+        "† Implicit: against the exact gradient of its own proximal inner problem solved to convergence.",
+        f"- **sine query MSE after meta-training** (sine only): {outcome_text}.",
+    ]
+    if any(r.get("tasks_per_s_2_processes") is not None for r in records):
+        lines.append(
+            "- **tasks/s, 1 / 2 processes**: tasks of the meta-batch per second, in one process and with the "
+            "meta-batch split across two."
+        )
+    if any(r.get(key) is not None for r in records for key in ("optimality_residual", "cg_residual")):
+        lines.append(
+            "- **inner optimality residual**, **CG residual** (Implicit): mean over tasks of "
+            "‖∇L_support(φ) + λ(φ − θ)‖ / ‖∇L_support(θ)‖ and of the conjugate-gradient solve's relative residual."
+        )
     return "\n".join(lines)
 
 
@@ -94,17 +166,21 @@ def markdown_report(records: Sequence[dict], environment: dict) -> str:
         f"- load average (1/5/15 min) at start {_loads(environment.get('load_average_at_start'))}, "
         f"at end {_loads(environment.get('load_average_at_end'))}",
         "",
-        "ms/meta-step: median of the timed meta-steps after a warm-up step. × hand-written: that time over "
-        "a plain `torch.func` loop doing the same work, timed alternately in the same process. Saved for "
-        "backward: distinct storages autograd saved during one meta-step. Peak memory: over the first "
-        "(warm-up) meta-step of a fresh process. Cosine / rel. error: meta-gradient against SecondOrder's "
-        "on the same weights and batch.",
+        legend(records),
         "",
         markdown_table(records),
     ]
     failures = _failures(records)
     if failures:
         lines += ["", "Configurations that did not complete:", "", *failures]
+    notes = [
+        f"- {r['config']['workload']} / {strategy_label(r['config']['strategy'])} / S={r['config']['steps']}: "
+        f"{r['fidelity_note']}"
+        for r in records
+        if r.get("fidelity_note")
+    ]
+    if notes:
+        lines += ["", "Fidelity notes:", "", *notes]
     return "\n".join(lines) + "\n"
 
 

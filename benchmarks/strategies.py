@@ -1,33 +1,122 @@
-"""Strategy names used on the command line, and the learner each (workload, strategy, S) runs."""
+"""The one table of benchmarked strategies, and the learner each (workload, strategy, S) runs.
+
+Every list of strategies in ``benchmarks/`` (the default grid, the priming workload's, the size
+sweep's, the command line's names, the plots' labels, markers and colours, the hand-written loop and
+the fidelity reference) is derived from :data:`STRATEGIES`. Adding a strategy is one new entry.
+
+Example:
+    >>> from benchmarks.strategies import entry
+    >>> entry("second-order").label, entry("second-order").exact
+    ('SecondOrder', True)
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 
 import torchopt
 
 import metakit as mk
 from benchmarks.workloads import BuiltWorkload
 
-__all__ = ["STRATEGIES", "build_learner", "canonical_strategy"]
+__all__ = [
+    "EXACT_REFERENCE",
+    "STRATEGIES",
+    "StrategyEntry",
+    "build_learner",
+    "build_strategy",
+    "canonical_strategy",
+    "entry",
+    "names",
+    "strategy_label",
+    "unsupported_reason",
+]
 
-#: Command-line name -> (label used in tables, factory). Truncated(1) and Implicit use the issue's settings.
-STRATEGIES: dict[str, tuple[str, Callable[[], mk.Strategy]]] = {
-    "second-order": ("SecondOrder", mk.SecondOrder),
-    "first-order": ("FirstOrder", mk.FirstOrder),
-    "truncated-1": ("Truncated(1)", lambda: mk.Truncated(1)),
-    "reptile": ("Reptile", mk.Reptile),
-    "implicit": ("Implicit", lambda: mk.Implicit(lam=1.0, cg_steps=10)),
-}
+
+@dataclass(frozen=True)
+class StrategyEntry:
+    """One benchmarked strategy.
+
+    Attributes:
+        name: the command-line name (``second-order``).
+        code: a metakit expression building the strategy, e.g. ``'SecondOrder(hvp="forward")'``. It is
+            evaluated only when the entry is run, so an entry may name an option that this metakit
+            does not have yet: that configuration is recorded as ``"unsupported"``.
+        label: the name in tables and plots (default: ``code`` without a trailing ``()``).
+        exact: computes SecondOrder()'s meta-gradient (by another route). Its hand-written loop is the
+            second-order one and its fidelity is measured against SecondOrder().
+        first_order: the hand-written loop reproduces it with constant inner gradients (FOMAML).
+        proximal: an implicit (iMAML) gradient; its fidelity reference is the exact gradient of the
+            proximal inner problem solved to convergence (:mod:`benchmarks.reference`), not MAML's.
+        core: measured on every workload (priming included) and up to the largest S: the exact
+            modes and FirstOrder, whose memory against S is the point of the comparison.
+        sweep: measured across model sizes (the size sweep).
+    """
+
+    name: str
+    code: str
+    label: str = ""
+    exact: bool = False
+    first_order: bool = False
+    proximal: bool = False
+    core: bool = False
+    sweep: bool = False
+
+    def __post_init__(self) -> None:
+        if not self.label:
+            object.__setattr__(self, "label", self.code.removesuffix("()"))
+
+    @property
+    def hand_written(self) -> str | None:
+        """Which hand-written loop reproduces this gradient: ``"second-order"``, ``"first-order"`` or None."""
+        if self.exact:
+            return "second-order"
+        return "first-order" if self.first_order else None
+
+
+STRATEGIES: tuple[StrategyEntry, ...] = (
+    StrategyEntry("second-order", "SecondOrder()", exact=True, core=True, sweep=True),
+    StrategyEntry(
+        "second-order-forward",
+        'SecondOrder(hvp="forward")',
+        label="SecondOrder(hvp=forward)",
+        exact=True,
+        core=True,
+    ),
+    StrategyEntry("second-order-checkpoint-4", "SecondOrder(checkpoint=4)", exact=True, core=True),
+    StrategyEntry("first-order", "FirstOrder()", first_order=True, core=True, sweep=True),
+    StrategyEntry("truncated-1", "Truncated(1)"),
+    StrategyEntry("reptile", "Reptile()"),
+    StrategyEntry("implicit", "Implicit()", proximal=True),  # metakit's defaults, whatever they become
+)
+
+#: The strategy whose meta-gradient every other is compared with (MAML's exact gradient).
+EXACT_REFERENCE = "second-order"
+
+_BY_NAME = {e.name: e for e in STRATEGIES}
+
+
+def names(**flags: bool) -> tuple[str, ...]:
+    """Names of the entries in table order; ``names(core=True)`` keeps those whose ``core`` is True.
+
+    Raises:
+        AttributeError: a flag that :class:`StrategyEntry` does not have.
+    """
+    return tuple(
+        e.name for e in STRATEGIES if all(getattr(e, flag) == value for flag, value in flags.items())
+    )
+
+
+def entry(name: str) -> StrategyEntry:
+    """The table entry for a canonical name; an unknown name (an old record's) gets a plain entry."""
+    return _BY_NAME.get(name) or StrategyEntry(name, name, label=name)
 
 
 def _key(text: str) -> str:
     return "".join(ch for ch in text.lower() if ch.isalnum())
 
 
-_ALIASES = {_key(name): name for name in STRATEGIES} | {
-    _key(label): name for name, (label, _) in STRATEGIES.items()
-}
+_ALIASES = {_key(spelling): e.name for e in STRATEGIES for spelling in (e.name, e.label, e.code)}
 
 
 def canonical_strategy(text: str) -> str:
@@ -38,18 +127,43 @@ def canonical_strategy(text: str) -> str:
     """
     name = _ALIASES.get(_key(text))
     if name is None:
-        raise ValueError(f"unknown strategy {text!r}; valid strategies: {', '.join(STRATEGIES)}")
+        raise ValueError(f"unknown strategy {text!r}; valid strategies: {', '.join(names())}")
     return name
 
 
 def strategy_label(name: str) -> str:
     """The table label of a canonical strategy name (``second-order`` -> ``SecondOrder``)."""
-    return STRATEGIES[name][0]
+    return entry(name).label
+
+
+def build_strategy(name: str) -> mk.Strategy:
+    """Evaluate the entry's ``code`` with metakit's public names in scope (and nothing else).
+
+    Raises:
+        TypeError, ValueError: this metakit does not accept the entry's options.
+    """
+    scope = {"__builtins__": {}, **{n: getattr(mk, n) for n in mk.__all__}}
+    return eval(entry(name).code, scope)  # the code comes from the table above, never from input
+
+
+def unsupported_reason(name: str) -> str | None:
+    """Why this metakit cannot build the entry's strategy (``None`` when it can)."""
+    try:
+        build_strategy(name)
+    except (TypeError, ValueError) as error:
+        return f"{entry(name).code} is not available in this metakit: {error}"
+    return None
 
 
 def build_learner(built: BuiltWorkload, strategy: str, steps: int) -> mk.MetaLearner:
-    """The metakit learner for a workload: plain MAML-style, or ``recipes.priming`` for priming."""
-    factory = STRATEGIES[strategy][1]
+    """The metakit learner for a workload: plain MAML-style, or ``recipes.priming`` for priming.
+
+    Raises:
+        TypeError, ValueError: the strategy or the combination is not supported.
+    """
+    reason = unsupported_reason(strategy)
+    if reason is not None:
+        raise ValueError(reason)
     if built.priming:
         from metakit import recipes
 
@@ -60,24 +174,12 @@ def build_learner(built: BuiltWorkload, strategy: str, steps: int) -> mk.MetaLea
             head=built.head,
             inner_lr=built.inner_lr,
             steps=steps,
-            strategy=factory(),
+            strategy=build_strategy(strategy),
         )
     return mk.MetaLearner(
         built.model,
         built.loss_fn,
         inner=mk.InnerLoop(params=built.inner, optimizer=torchopt.sgd(lr=built.inner_lr), steps=steps),
         outer_params=built.outer,
-        strategy=factory(),
+        strategy=build_strategy(strategy),
     )
-
-
-def parse_names(texts: Iterable[str], canonical: Callable[[str], str]) -> list[str]:
-    """Split comma-separated names, canonicalise each, drop duplicates, keep order."""
-    names: list[str] = []
-    for text in texts:
-        for part in text.split(","):
-            if part.strip():
-                name = canonical(part.strip())
-                if name not in names:
-                    names.append(name)
-    return names

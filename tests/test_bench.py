@@ -14,7 +14,7 @@ import torch
 
 from benchmarks.config import Config
 from benchmarks.memory import PeakRSS, SavedTensorCounter
-from benchmarks.strategies import STRATEGIES, canonical_strategy
+from benchmarks.strategies import STRATEGIES, canonical_strategy, entry, names, unsupported_reason
 from benchmarks.worker import classify_failure
 
 
@@ -56,8 +56,230 @@ def test_failures_are_classified():
 def test_strategy_names_accept_spellings_and_list_valid_ones():
     assert canonical_strategy("SecondOrder") == "second-order"
     assert canonical_strategy("truncated(1)") == "truncated-1"
-    with pytest.raises(ValueError, match="valid strategies: " + ", ".join(STRATEGIES)):
+    assert canonical_strategy('SecondOrder(hvp="forward")') == "second-order-forward"
+    assert canonical_strategy("SecondOrder(checkpoint=4)") == "second-order-checkpoint-4"
+    with pytest.raises(ValueError, match="valid strategies: " + ", ".join(names())):
         canonical_strategy("third-order")
+
+
+def test_every_list_of_strategies_comes_from_the_table():
+    from benchmarks.grid import FULL, QUICK, default_strategies
+
+    table = tuple(e.name for e in STRATEGIES)
+    core = tuple(e.name for e in STRATEGIES if e.core)
+    assert len(set(table)) == len(table) and len({e.label for e in STRATEGIES}) == len(table)
+    assert set(core) == {e.name for e in STRATEGIES if e.exact} | {"first-order"}
+    assert default_strategies("sine") == default_strategies("bert") == table
+    assert default_strategies("priming") == core
+    assert default_strategies("bert-h128") == tuple(e.name for e in STRATEGIES if e.sweep)
+    assert default_strategies("sine-tanh") == ("second-order", *(e.name for e in STRATEGIES if e.proximal))
+    for grid in (QUICK, FULL):
+        assert {s for g in grid for s in g.strategies} <= set(table)
+    # issue 9's grid: S = 1, 5, 10, 20 on sine and bert for every exact mode and FirstOrder
+    for workload in ("sine", "bert"):
+        measured = {(s, n) for g in FULL if g.workload == workload for s in g.strategies for n in g.steps}
+        assert {(s, n) for s in core for n in (1, 5, 10, 20)} <= measured
+
+
+def test_strategies_are_built_lazily_and_missing_options_are_unsupported():
+    import inspect
+
+    import metakit as mk
+    from benchmarks.strategies import build_strategy
+
+    assert isinstance(build_strategy("truncated-1"), mk.Truncated)
+    for name in ("second-order-forward", "second-order-checkpoint-4"):
+        assert entry(name).exact and entry(name).hand_written == "second-order"
+        keyword = "hvp" if "forward" in name else "checkpoint"
+        if keyword in inspect.signature(mk.SecondOrder).parameters:
+            assert unsupported_reason(name) is None
+        else:  # metakit has not got the mode yet: the benchmark still imports and says why
+            assert entry(name).code in unsupported_reason(name)
+    assert entry("an-old-records-name").label == "an-old-records-name"
+
+
+def test_plot_styles_are_distinct_for_any_number_of_strategies():
+    from benchmarks.plots import strategy_styles
+
+    styles = strategy_styles([*names(), *(f"extra-{i}" for i in range(30))])
+    assert len(styles) == len(STRATEGIES) + 30
+    assert len({(s.color, s.marker, s.linestyle) for s in styles.values()}) == len(styles)
+
+
+def test_proximal_reference_matches_the_closed_form_of_ridge_regression():
+    """φ* = (A + λI)⁻¹(b + λθ) for L = ‖Xφ − y‖²/n, so dL_q(φ*)/dθ = λ(A + λI)⁻¹ ∇L_q(φ*), A = 2XᵀX/n."""
+    from torch import nn
+
+    from benchmarks.reference import proximal_reference_gradient
+    from metakit.task import Task
+
+    torch.manual_seed(0)
+    model = nn.Linear(6, 1, bias=False).double()
+    lam = 0.7
+
+    def loss_fn(forward, batch):
+        x, y = batch
+        return ((forward(x).squeeze(-1) - y) ** 2).mean()
+
+    tasks = [
+        Task((torch.randn(10, 6, dtype=torch.float64), torch.randn(10, dtype=torch.float64)),
+             (torch.randn(8, 6, dtype=torch.float64), torch.randn(8, dtype=torch.float64)))
+        for _ in range(3)
+    ]  # fmt: skip
+    theta = model.weight.detach().reshape(-1)
+    expected = torch.zeros(6, dtype=torch.float64)
+    for task in tasks:
+        (xs, ys), (xq, yq) = task.support, task.query
+        a, b = 2 * xs.T @ xs / len(ys), 2 * xs.T @ ys / len(ys)
+        phi = torch.linalg.solve(a + lam * torch.eye(6, dtype=torch.float64), b + lam * theta)
+        query_grad = 2 * xq.T @ (xq @ phi - yq) / len(yq)
+        expected += (
+            lam * torch.linalg.solve(a + lam * torch.eye(6, dtype=torch.float64), query_grad) / len(tasks)
+        )
+    result = proximal_reference_gradient(model, loss_fn, tasks, ["weight"], ["weight"], lam=lam, tol=1e-12)
+    assert result.converged and result.optimality_residual <= 1e-12
+    torch.testing.assert_close(result.grads["weight"].reshape(-1), expected, rtol=1e-9, atol=1e-12)
+
+
+def test_proximal_reference_outer_only_gradient_matches_finite_differences():
+    """An outer-only scale s on y = s·Xφ reaches the query loss directly and through φ*(θ, s)."""
+    from torch import nn
+
+    from benchmarks.reference import proximal_reference_gradient
+    from metakit.task import Task
+
+    class Scaled(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.scale = nn.Parameter(torch.tensor(1.3, dtype=torch.float64))
+            self.weight = nn.Parameter(torch.randn(4, dtype=torch.float64))
+
+        def forward(self, x):
+            return self.scale * (x @ self.weight)
+
+    torch.manual_seed(1)
+    model, lam = Scaled(), 2.0
+    xs, ys, xq, yq = (torch.randn(*shape, dtype=torch.float64) for shape in ((9, 4), (9,), (7, 4), (7,)))
+    task = Task((xs, ys), (xq, yq))
+
+    def loss_fn(forward, batch):
+        x, y = batch
+        return ((forward(x) - y) ** 2).mean()
+
+    def outer_objective(scale: float) -> float:  # L_q(φ*(θ, s), s) in closed form
+        a = 2 * scale**2 * xs.T @ xs / 9
+        b = 2 * scale * xs.T @ ys / 9
+        phi = torch.linalg.solve(a + lam * torch.eye(4, dtype=torch.float64), b + lam * model.weight.detach())
+        return float(((scale * xq @ phi - yq) ** 2).mean())
+
+    result = proximal_reference_gradient(
+        model, loss_fn, [task], ["weight"], ["weight", "scale"], lam=lam, tol=1e-12
+    )
+    h = 1e-6
+    finite_difference = (outer_objective(1.3 + h) - outer_objective(1.3 - h)) / (2 * h)
+    assert result.converged
+    assert math.isclose(float(result.grads["scale"]), finite_difference, rel_tol=1e-6)
+
+
+def test_implicit_diagnostics_are_averaged_when_present():
+    from types import SimpleNamespace
+
+    from benchmarks.measure import mean_diagnostics
+
+    result = SimpleNamespace(
+        diagnostics={
+            "optimality_residual": torch.tensor([0.1, 0.3], dtype=torch.float64),
+            "cg_residual": torch.tensor([1e-3, 3e-3], dtype=torch.float64),
+        }
+    )
+    means = mean_diagnostics(result)
+    assert math.isclose(means["optimality_residual"], 0.2) and math.isclose(means["cg_residual"], 2e-3)
+    assert mean_diagnostics(SimpleNamespace(loss=torch.tensor(1.0))) == {}
+
+
+def _records_for_plots() -> list[dict]:
+    """Synthetic records: every table strategy plus one unknown, on one-S and many-S workloads."""
+    records = []
+    for position, name in enumerate([*names(), "some-future-strategy"]):
+        for workload, steps in (("sine", (1, 5, 10, 20)), ("bert", (1,))):
+            for s in steps:
+                records.append(
+                    {
+                        "status": "ok",
+                        "config": {"workload": workload, "strategy": name, "steps": s, "device": "cpu"},
+                        "time_ms": 10.0 * s + position,
+                        "saved_mib": 1.0 + 0.1 * s,
+                        "peak_rss_increase_mib": 10.0 + 0.05 * s,
+                        "cosine": 1.0 if entry(name).exact else 0.999 - 0.0001 * s,
+                    }
+                )
+    return records
+
+
+def test_plots_read_well(tmp_path):
+    """The pitfalls a new user met: single-point panels, one-label log axes, a 0.998–1.000 cosine axis."""
+    import matplotlib.pyplot as plt
+
+    from benchmarks.plots import _cosine_axis, _steps_axis, _value_axis, write_plots
+
+    written = {p.name for p in write_plots(_records_for_plots(), tmp_path, "cpu")}
+    assert written == {"time_vs_steps.png", "memory_vs_steps.png", "fidelity_vs_cost.png"}
+
+    figure, axis = plt.subplots()
+    _steps_axis(axis, [1])  # one S: the axis is labelled 1, not 0.96 ... 1.04
+    assert list(axis.get_xticks()) == [1] and axis.get_xlim()[0] < 0.8
+    _value_axis(axis, [10.1, 10.2, 11.6], "MiB")  # a narrow range: linear from zero, not a one-label log axis
+    assert axis.get_yscale() == "linear" and axis.get_ylim()[0] == 0
+    _value_axis(axis, [0.3, 80.0], "MiB")
+    assert axis.get_yscale() == "log"
+    _cosine_axis(axis, [0.998, 1.0])
+    low, high = axis.get_ylim()
+    assert low <= 0.9 and high >= 1.0
+    plt.close(figure)
+
+
+def test_table_legend_explains_the_outcome_and_shows_residuals_only_when_measured():
+    from benchmarks.report import legend, markdown_table
+
+    record = _records_for_plots()[0]
+    record["outcome"] = {
+        "meta_steps": 40, "outer_optimizer": "Adam(lr=0.01)", "eval_tasks": 100,
+        "query_loss_before": 3.9, "query_loss_after": 1.7,
+    }  # fmt: skip
+    text = legend([record])
+    assert (
+        "40 meta-steps" in text
+        and "100 held-out tasks" in text
+        and "before meta-training: 3.90 at S=1" in text
+    )
+    assert "residual" not in markdown_table([record])
+    implicit = dict(record, config=dict(record["config"], strategy="implicit"), optimality_residual=0.25)
+    implicit["fidelity_reference"] = "proximal"
+    table = markdown_table([record, implicit])
+    assert "inner optimality residual" in table and "2.5e-01" in table and " †" in table
+    assert "processes" not in table  # issue 11's column appears once a record has it
+    two = dict(record, tasks_per_s=100.0, tasks_per_s_2_processes=180.0)
+    assert "| 100.0 / 180.0 |" in markdown_table([two]) and "2 processes" in legend([two])
+
+
+def test_unknown_option_shows_the_bench_usage(capsys):
+    from metakit.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["bench", "--benchmark"])
+    message = capsys.readouterr().err
+    assert "usage: metakit bench" in message and "unrecognized arguments: --benchmark" in message
+
+
+def test_from_records_on_a_file_that_is_not_records_is_one_clear_error(tmp_path):
+    from benchmarks.cli import run
+
+    not_records = tmp_path / "README.md"
+    not_records.write_text("# a readme\n")
+    args = _bench_parser().parse_args(["--from-records", str(not_records), "--out", str(tmp_path / "out")])
+    with pytest.raises(SystemExit, match=r"README\.md is not a records file of `metakit bench`"):
+        run(args)
+    assert not (tmp_path / "out").exists()
 
 
 def _bench_parser() -> argparse.ArgumentParser:
@@ -90,14 +312,26 @@ def test_runner_records_are_well_formed(tmp_path):
     from benchmarks.report import markdown_table
     from benchmarks.runner import run_configs
 
+    other_exact = [e.name for e in STRATEGIES if e.exact and e.name != "second-order"]
     configs = [
         Config("sine", "second-order", 1, repeats=1, outcome_steps=1),
         Config("sine", "first-order", 1, repeats=1),
         # no memory to build BERT in: recorded as out of memory, and the run goes on
         Config("bert", "reptile", 1, repeats=1, memory_limit_gib=1e-6),
+        *(Config("sine", name, 2, repeats=1) for name in [*other_exact, "second-order"]),
     ]
-    exact, first_order, starved = run_configs(configs, progress=False)
-    json.dumps([exact, first_order, starved])  # records are plain JSON
+    exact, first_order, starved, *modes, exact_s2 = run_configs(configs, progress=False)
+    json.dumps([exact, first_order, starved, *modes])  # records are plain JSON
+
+    assert exact_s2["status"] == "ok", exact_s2.get("traceback")
+    for name, record in zip(other_exact, modes, strict=True):
+        if unsupported_reason(name) is not None:  # the mode is not in this metakit yet
+            assert record["status"] == "unsupported" and entry(name).code in record["error"]
+            continue
+        # every exact mode is SecondOrder()'s gradient, and the hand-written second-order loop's
+        assert record["status"] == "ok", record.get("traceback")
+        assert math.isclose(record["cosine"], 1.0, abs_tol=1e-5) and record["rel_error"] < 1e-3
+        assert math.isclose(record["reference_cosine"], 1.0, abs_tol=1e-5)
 
     for record in (exact, first_order):
         assert record["status"] == "ok", record.get("traceback")
@@ -117,3 +351,68 @@ def test_runner_records_are_well_formed(tmp_path):
     assert {p.name for p in write_plots([exact, first_order, starved], tmp_path, "cpu")} >= {
         "time_vs_steps.png"
     }
+
+
+def test_implicit_agrees_with_the_proximal_reference_where_its_inner_problem_is_solved():
+    """On the smooth sine, metakit's Implicit with a solved inner problem gives the reference's gradient."""
+    import torchopt
+
+    import metakit as mk
+    from benchmarks.measure import cosine_and_relative_error
+    from benchmarks.reference import proximal_reference_gradient
+    from benchmarks.workloads import WORKLOADS
+    from metakit.task import Task
+
+    built = WORKLOADS["sine-tanh"].build(torch.device("cpu"))
+    model = built.model.double()
+    tasks = [
+        Task(tuple(t.double() for t in task.support), tuple(t.double() for t in task.query))
+        for task in built.tasks[:2]
+    ]
+    names = built.inner.names(model)
+    reference = proximal_reference_gradient(model, built.loss_fn, tasks, names, names, lam=10.0, tol=1e-8)
+    assert reference.converged and reference.optimality_residual <= 1e-8
+
+    def implicit_gradient(steps: int) -> dict[str, torch.Tensor]:
+        learner = mk.MetaLearner(
+            model,
+            built.loss_fn,
+            inner=mk.InnerLoop(params=built.inner, optimizer=torchopt.sgd(lr=0.05), steps=steps),
+            outer_params=built.outer,
+            strategy=mk.Implicit(lam=10.0, cg_steps=60, rtol=1e-12),
+        )
+        model.zero_grad(set_to_none=True)
+        learner.meta_step(tasks)
+        return {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    solved_cosine, solved_error = cosine_and_relative_error(implicit_gradient(400), reference.grads)
+    unsolved_cosine, _ = cosine_and_relative_error(implicit_gradient(2), reference.grads)
+    assert solved_cosine > 1 - 1e-8 and solved_error < 1e-4
+    assert unsolved_cosine < solved_cosine  # the reference tells an unsolved inner problem apart
+
+
+def test_proximal_fidelity_is_cached_per_run_and_needs_a_converged_reference(tmp_path, monkeypatch):
+    import functools
+    from types import SimpleNamespace
+
+    from benchmarks import measure
+    from benchmarks.measure import _proximal_fidelity
+    from benchmarks.workloads import WORKLOADS
+
+    built = WORKLOADS["sine-tanh"].build(torch.device("cpu"))
+    built.tasks = built.tasks[:2]
+    names = built.inner.names(built.model)
+    grads = {n: torch.ones_like(p) for n, p in built.model.named_parameters()}
+    config = Config("sine-tanh", "implicit", 1, grad_path=str(tmp_path / "sine-tanh__implicit__S1.grad.pt"))
+
+    solved = _proximal_fidelity(config, built, SimpleNamespace(lam=10.0), grads, names, names)
+    assert solved["proximal_reference"]["converged"] and -1 <= solved["cosine"] <= 1
+    assert (tmp_path / "sine-tanh__proximal-10.pt").exists()
+    again = _proximal_fidelity(config, built, SimpleNamespace(lam=10.0), grads, names, names)
+    assert again["cosine"] == solved["cosine"]  # read back, not recomputed
+
+    # λ = 1 needs thousands of steps here; 20 leave the reference unconverged
+    short = functools.partial(measure.proximal_reference_gradient, max_steps=20)
+    monkeypatch.setattr(measure, "proximal_reference_gradient", short)
+    with_unsolvable = _proximal_fidelity(config, built, SimpleNamespace(lam=1.0), grads, names, names)
+    assert "cosine" not in with_unsolvable and "did not converge" in with_unsolvable["fidelity_note"]
