@@ -53,12 +53,23 @@ class SineTasks:
         return tasks
 
 
-def sine_mlp(hidden: int = 40, depth: int = 2) -> nn.Sequential:
-    """The 1-40-40-1 ReLU MLP of MAML's sinusoid experiment."""
+_ACTIVATIONS = {"relu": nn.ReLU, "tanh": nn.Tanh}
+
+
+def sine_mlp(hidden: int = 40, depth: int = 2, activation: str = "relu") -> nn.Sequential:
+    """The 1-40-40-1 ReLU MLP of MAML's sinusoid experiment.
+
+    ``activation="tanh"`` gives a smooth network, whose inner problem gradient descent can solve to a
+    tolerance (what :class:`~metakit.Implicit` needs; ReLU kinks stall it).
+    """
+    if activation not in _ACTIVATIONS:
+        raise ValueError(
+            f"sine_mlp(activation=...) must be one of {sorted(_ACTIVATIONS)}, got {activation!r}."
+        )
     layers: list[nn.Module] = []
     width = 1
     for _ in range(depth):
-        layers += [nn.Linear(width, hidden), nn.ReLU()]
+        layers += [nn.Linear(width, hidden), _ACTIVATIONS[activation]()]
         width = hidden
     layers.append(nn.Linear(width, 1))
     return nn.Sequential(*layers)
