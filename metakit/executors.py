@@ -73,18 +73,31 @@ class Sequential(Executor):
         outcomes: list[TaskGradient] = []
         for problem in problems:
             outcome = strategy.task_gradient(problem)
-            accumulate(total, outcome.grads, len(problems))
-            accumulate(total_lr, outcome.lr_grads, len(problems))
+            accumulate(total, outcome.grads)
+            accumulate(total_lr, outcome.lr_grads)
             outcome.grads = outcome.lr_grads = {}
             outcomes.append(outcome)
-        return combine_outcomes(total, total_lr, outcomes)
+        n_tasks = len(problems)
+        return combine_outcomes(mean_over(total, n_tasks), mean_over(total_lr, n_tasks), outcomes)
 
 
-def accumulate(total: Params, grads: Mapping[str, torch.Tensor], n_tasks: int) -> None:
-    """``total += grads / n_tasks``, by name, detached."""
+def accumulate(total: Params, grads: Mapping[str, torch.Tensor]) -> None:
+    """``total += grads``, by name, detached; the first contribution is taken over, not copied.
+
+    Strategies return fresh gradient tensors that nothing else holds, so summing into them in place
+    is safe and saves one allocation per parameter and task.
+    """
     for name, grad in grads.items():
-        grad = grad.detach() / n_tasks
-        total[name] = total[name] + grad if name in total else grad
+        grad = grad.detach()
+        if name in total:
+            total[name].add_(grad)
+        else:
+            total[name] = grad if grad.is_floating_point() else grad.clone()
+
+
+def mean_over(total: Params, n_tasks: int) -> Params:
+    """``total / n_tasks``, by name."""
+    return {name: value.div_(n_tasks) for name, value in total.items()}
 
 
 def combine_outcomes(total: Params, total_lr: Params, outcomes: Sequence[TaskGradient]) -> MetaBatchGradient:

@@ -8,6 +8,7 @@ Everything in metakit handles parameters as a flat ``dict[str, Tensor]`` keyed b
 from __future__ import annotations
 
 import contextlib
+import threading
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
@@ -25,7 +26,11 @@ def parameter_names(model: nn.Module) -> set[str]:
 
 
 def bind(
-    model: nn.Module, params: Mapping[str, torch.Tensor], *, check_names: bool = True
+    model: nn.Module,
+    params: Mapping[str, torch.Tensor],
+    *,
+    check_names: bool = True,
+    buffers: Mapping[str, torch.Tensor] | None = None,
 ) -> Callable[..., Any]:
     """Return ``forward(*args, **kwargs)`` that runs ``model`` with ``params`` in place of its own.
 
@@ -38,6 +43,8 @@ def bind(
         check_names: raise ``KeyError`` for names that are not parameters of ``model`` (a typo
             would otherwise be ignored silently). metakit's inner loop, whose names come from the
             model itself, turns this off on its hot path.
+        buffers: the module's buffers by name, when the caller already has them (default: read
+            from ``model``).
 
     Example:
         >>> params = {k: v * 2 for k, v in model.named_parameters()}  # doctest: +SKIP
@@ -51,7 +58,7 @@ def bind(
                 f"bind() got names that are not parameters of {type(model).__name__}: {unknown[:5]}. "
                 f"Some real names: {sorted(known)[:5]}."
             )
-    buffers = dict(model.named_buffers())
+    buffers = dict(model.named_buffers()) if buffers is None else buffers
 
     def forward(*args: Any, **kwargs: Any) -> Any:
         return functional_call(model, {**buffers, **params}, args, kwargs, tie_weights=True, strict=False)
@@ -69,8 +76,19 @@ def double_backward_safe(enabled: bool = True) -> Iterator[None]:
     ``derivative for aten::_scaled_dot_product_flash_attention_for_cpu_backward is not implemented``.
     The math kernel computes the same function; it is slower and uses more memory.
     """
-    if not enabled:
-        yield
+    if not enabled or _math_kernel.depth:
+        yield  # nothing to do, or already inside (the inner loop re-enters it at every step)
         return
-    with sdpa_kernel([SDPBackend.MATH]):
-        yield
+    _math_kernel.depth += 1
+    try:
+        with sdpa_kernel([SDPBackend.MATH]):
+            yield
+    finally:
+        _math_kernel.depth -= 1
+
+
+class _Depth(threading.local):
+    depth = 0
+
+
+_math_kernel = _Depth()

@@ -54,8 +54,10 @@ def model_objective(model: torch.nn.Module, loss_fn: LossFn) -> Objective:
         >>> objective(dict(model.named_parameters()), task.support)  # doctest: +SKIP
     """
 
+    buffers = dict(model.named_buffers())  # once per objective, not once per step
+
     def objective(params: Mapping[str, torch.Tensor], batch: Any) -> torch.Tensor:
-        return loss_fn(bind(model, params, check_names=False), batch)
+        return loss_fn(bind(model, params, check_names=False, buffers=buffers), batch)
 
     return objective
 
@@ -244,7 +246,8 @@ class InnerLoop:
         first_differentiable = steps - min(max(differentiable_steps, 0), steps)
         detached_context = {name: value.detach() for name, value in context.items()}
         losses: list[torch.Tensor] = []
-        current = fresh_leaves(params)
+        # Differentiated from the first step: the live tensors are the anchor (no copies needed).
+        current = dict(params) if first_differentiable == 0 and _all_leaves(params) else fresh_leaves(params)
         state = self.init(current)
         anchor = current
         for step in range(steps):
@@ -287,6 +290,10 @@ class InnerLoop:
         with torch.no_grad():
             detached = {name: value.detach() for name, value in params.items()}
             return objective({**context, **detached}, batch).detach()
+
+
+def _all_leaves(params: Mapping[str, torch.Tensor]) -> bool:
+    return all(value.requires_grad and value.grad_fn is None for value in params.values())
 
 
 def fresh_leaves(params: Mapping[str, torch.Tensor]) -> Params:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import abc
+import functools
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -95,7 +96,7 @@ class TaskProblem:
         """Meta-learned parameters that the inner loop does not adapt."""
         return self.partition.outer_only
 
-    @property
+    @functools.cached_property
     def objective(self) -> Objective:
         """``objective(params, batch)``: the task's loss of the model run on ``params``.
 

@@ -22,6 +22,7 @@ from collections.abc import Mapping
 
 import torch
 
+from metakit.functional import double_backward_safe
 from metakit.inner import Adaptation
 from metakit.lean import (
     ForwardModeError,
@@ -60,8 +61,10 @@ class Unrolled(Strategy):
         return problem.adapt(self.differentiable_steps(problem.inner.steps))
 
     def task_gradient(self, problem: TaskProblem) -> TaskGradient:
-        adapted = self.unroll(problem)
-        query_loss = problem.query_loss(adapted.params)
+        # Entered once here rather than at every differentiated inner step.
+        with double_backward_safe(self.differentiable_steps(problem.inner.steps) > 0):
+            adapted = self.unroll(problem)
+            query_loss = problem.query_loss(adapted.params)
         targets = {name: adapted.anchor[name] for name in problem.shared}
         targets.update(problem.outer_only)
         lr_scales = dict(problem.lr_scales or {})

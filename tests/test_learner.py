@@ -431,7 +431,9 @@ def test_task_with_its_own_loss():
     learner = learner_for(model, mk.FirstOrder(), steps=1)
     learner.loss_fn = None
     learner.meta_step([mk.Task(support, query, loss_fn=l1)])
-    assert len(calls) == 3  # one inner step, the loss after it, and the query loss
+    assert len(calls) == 2  # one inner step and the query loss
+    learner.meta_step([mk.Task(support, query, loss_fn=l1)], final_support_loss=True)
+    assert len(calls) == 5  # and, when asked, the support loss after the inner step
     with pytest.raises(ValueError, match="Task 0 has no loss_fn"):
         learner.meta_step([mk.Task(support, query)])
 
