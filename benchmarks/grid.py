@@ -35,10 +35,11 @@ class GridEntry:
     proximal_reference: bool = True
 
 
-_ALL = names()
+_ALL = names(default=True)
 _CORE = names(core=True)
 _SWEEP = names(sweep=True)
-_IMPLICIT = (EXACT_REFERENCE, *names(proximal=True))
+_IMPLICIT = (EXACT_REFERENCE, *names(proximal=True, default=True))
+_VMAP = ("second-order", "second-order-vmap", "first-order", "first-order-vmap")
 
 
 def default_strategies(workload: str) -> tuple[str, ...]:
@@ -58,11 +59,16 @@ QUICK = (
 #: S=20 is measured for the exact modes and FirstOrder only (memory against S), without the
 #: hand-written loop (its ratio is reported at S <= 10).
 FULL = (
-    GridEntry("bert", default_strategies("bert"), (1, 5, 10)),
+    GridEntry("bert", tuple(n for n in default_strategies("bert") if n != "implicit"), (1, 5, 10)),
+    # Implicit's proximal reference on BERT takes thousands of Hessian-vector products: S=1 only.
+    GridEntry("bert", ("implicit",), (1,)),
     GridEntry("bert", _CORE, (20,), reference_at=()),
     GridEntry("priming", default_strategies("priming"), (1, 5, 10)),
     GridEntry("sine", default_strategies("sine"), (1, 5, 10), outcome_steps=40, outcome_at=(1, 5)),
     GridEntry("sine", _CORE, (20,), reference_at=()),
+    # Vmap against Sequential on 25 small tasks; Implicit where its inner problem can be solved.
+    GridEntry("sine", _VMAP, (1, 5), reference_at=()),
+    GridEntry("sine-tanh", (EXACT_REFERENCE, "implicit-solved"), (1, 5)),
     GridEntry("bert-h128", default_strategies("bert-h128"), (1, 5)),
     GridEntry("bert-h512", default_strategies("bert-h512"), (1,)),
 )

@@ -101,10 +101,10 @@ def measure(config: Config) -> dict:
             metakit_step()
         record["saved_mib"] = saved.nbytes / MIB
         record["saved_storages"] = saved.storages
-    except RuntimeError as error:
+    except (RuntimeError, ValueError) as error:  # Vmap reports it as a VmapError (a ValueError)
         if "saved tensor hooks" not in str(error):
             raise
-        # torch.func transforms (used by torchopt's implicit differentiation) refuse these hooks
+        # torch.func transforms (torchopt's implicit differentiation, the Vmap executor) refuse these hooks
         record["saved_mib"] = None
         record["saved_note"] = f"not measurable: {error}"
 

@@ -23,6 +23,7 @@ __all__ = [
     "EXACT_REFERENCE",
     "STRATEGIES",
     "StrategyEntry",
+    "build_executor",
     "build_learner",
     "build_strategy",
     "canonical_strategy",
@@ -51,6 +52,9 @@ class StrategyEntry:
         core: measured on every workload (priming included) and up to the largest S: the exact
             modes and FirstOrder, whose memory against S is the point of the comparison.
         sweep: measured across model sizes (the size sweep).
+        executor: a metakit expression building the learner's executor (``None``: ``Sequential()``),
+            e.g. ``"executors.Vmap()"``: the same gradient, computed over the tasks in one batch.
+        default: in the default comparison of a workload (``False``: only where a grid names it).
     """
 
     name: str
@@ -61,6 +65,8 @@ class StrategyEntry:
     proximal: bool = False
     core: bool = False
     sweep: bool = False
+    executor: str | None = None
+    default: bool = True
 
     def __post_init__(self) -> None:
         if not self.label:
@@ -88,6 +94,27 @@ STRATEGIES: tuple[StrategyEntry, ...] = (
     StrategyEntry("truncated-1", "Truncated(1)"),
     StrategyEntry("reptile", "Reptile()"),
     StrategyEntry("implicit", "Implicit()", proximal=True),  # metakit's defaults, whatever they become
+    # The inner problem solved to the tolerance: where the implicit gradient is meant to hold.
+    StrategyEntry(
+        "implicit-solved",
+        "Implicit(lam=10.0, cg_steps=20, max_inner_steps=300, residual_tol=0.01)",
+        label="Implicit(λ=10, solved)",
+        proximal=True,
+    ),
+    StrategyEntry(
+        "second-order-vmap",
+        "SecondOrder()",
+        label="SecondOrder [Vmap]",
+        exact=True,
+        executor="executors.Vmap()",
+    ),
+    StrategyEntry(
+        "first-order-vmap",
+        "FirstOrder()",
+        label="FirstOrder [Vmap]",
+        first_order=True,
+        executor="executors.Vmap()",
+    ),
 )
 
 #: The strategy whose meta-gradient every other is compared with (MAML's exact gradient).
@@ -116,7 +143,10 @@ def _key(text: str) -> str:
     return "".join(ch for ch in text.lower() if ch.isalnum())
 
 
-_ALIASES = {_key(spelling): e.name for e in STRATEGIES for spelling in (e.name, e.label, e.code)}
+_ALIASES: dict[str, str] = {}
+for _entry in STRATEGIES:  # the first entry keeps a shared spelling ("SecondOrder()" of the Vmap row)
+    for _spelling in (_entry.name, _entry.label, _entry.code):
+        _ALIASES.setdefault(_key(_spelling), _entry.name)
 
 
 def canonical_strategy(text: str) -> str:
@@ -136,21 +166,32 @@ def strategy_label(name: str) -> str:
     return entry(name).label
 
 
+def _evaluate(code: str):
+    scope = {"__builtins__": {}, **{n: getattr(mk, n) for n in mk.__all__}}
+    return eval(code, scope)  # the code comes from the table above, never from input
+
+
 def build_strategy(name: str) -> mk.Strategy:
     """Evaluate the entry's ``code`` with metakit's public names in scope (and nothing else).
 
     Raises:
         TypeError, ValueError: this metakit does not accept the entry's options.
     """
-    scope = {"__builtins__": {}, **{n: getattr(mk, n) for n in mk.__all__}}
-    return eval(entry(name).code, scope)  # the code comes from the table above, never from input
+    return _evaluate(entry(name).code)
+
+
+def build_executor(name: str):
+    """The entry's executor (``None`` for the learner's default, ``Sequential()``)."""
+    code = entry(name).executor
+    return None if code is None else _evaluate(code)
 
 
 def unsupported_reason(name: str) -> str | None:
     """Why this metakit cannot build the entry's strategy (``None`` when it can)."""
     try:
         build_strategy(name)
-    except (TypeError, ValueError) as error:
+        build_executor(name)
+    except (TypeError, ValueError, AttributeError) as error:
         return f"{entry(name).code} is not available in this metakit: {error}"
     return None
 
@@ -175,6 +216,7 @@ def build_learner(built: BuiltWorkload, strategy: str, steps: int) -> mk.MetaLea
             inner_lr=built.inner_lr,
             steps=steps,
             strategy=build_strategy(strategy),
+            executor=build_executor(strategy),
         )
     return mk.MetaLearner(
         built.model,
@@ -182,4 +224,5 @@ def build_learner(built: BuiltWorkload, strategy: str, steps: int) -> mk.MetaLea
         inner=mk.InnerLoop(params=built.inner, optimizer=torchopt.sgd(lr=built.inner_lr), steps=steps),
         outer_params=built.outer,
         strategy=build_strategy(strategy),
+        executor=build_executor(strategy),
     )

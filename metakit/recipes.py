@@ -13,6 +13,7 @@ import torchopt
 from torch import nn
 from torchopt.base import GradientTransformation
 
+from metakit.executors import Executor
 from metakit.inner import InnerLoop
 from metakit.learner import MetaLearner
 from metakit.spec import Spec, everything
@@ -118,6 +119,7 @@ def priming(
     optimizer: GradientTransformation | None = None,
     logger: Any = None,
     adapt_backbone: bool = False,
+    executor: Executor | None = None,
 ) -> MetaLearner:
     """Meta-learning for parameter-efficient fine-tuning (Gheini et al., Algorithm 1).
 
@@ -142,6 +144,7 @@ def priming(
         inner_only="first_task",
         logger=logger,
         cut="auto",
+        executor=executor,
     )
 
 

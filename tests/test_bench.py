@@ -67,12 +67,14 @@ def test_every_list_of_strategies_comes_from_the_table():
 
     table = tuple(e.name for e in STRATEGIES)
     core = tuple(e.name for e in STRATEGIES if e.core)
+    default = tuple(e.name for e in STRATEGIES if e.default)
     assert len(set(table)) == len(table) and len({e.label for e in STRATEGIES}) == len(table)
-    assert set(core) == {e.name for e in STRATEGIES if e.exact} | {"first-order"}
-    assert default_strategies("sine") == default_strategies("bert") == table
+    assert set(core) == {e.name for e in STRATEGIES if e.exact and e.executor is None} | {"first-order"}
+    assert default_strategies("sine") == default_strategies("bert") == default
     assert default_strategies("priming") == core
     assert default_strategies("bert-h128") == tuple(e.name for e in STRATEGIES if e.sweep)
-    assert default_strategies("sine-tanh") == ("second-order", *(e.name for e in STRATEGIES if e.proximal))
+    proximal = tuple(e.name for e in STRATEGIES if e.proximal and e.default)
+    assert default_strategies("sine-tanh") == ("second-order", *proximal)
     for grid in (QUICK, FULL):
         assert {s for g in grid for s in g.strategies} <= set(table)
     # issue 9's grid: S = 1, 5, 10, 20 on sine and bert for every exact mode and FirstOrder
