@@ -21,6 +21,7 @@ import torch
 import torchopt
 from torchopt.base import GradientTransformation
 
+from metakit.buffers import BufferPolicy, check_policy, eval_statistics, task_buffers
 from metakit.functional import bind, double_backward_safe
 from metakit.spec import Spec
 from metakit.task import LossFn
@@ -46,18 +47,29 @@ class InnerLossError(FloatingPointError):
     """The support loss became NaN or infinite during the inner loop."""
 
 
-def model_objective(model: torch.nn.Module, loss_fn: LossFn) -> Objective:
+def model_objective(
+    model: torch.nn.Module, loss_fn: LossFn, *, buffers: BufferPolicy = "update", adapting: bool = True
+) -> Objective:
     """``objective(params, batch) = loss_fn(bind(model, params), batch)``.
+
+    Args:
+        model: the module the parameter names refer to.
+        loss_fn: ``loss_fn(forward, batch) -> scalar``.
+        buffers: what the forwards do to the module's buffers (:mod:`metakit.buffers`): ``"update"``,
+            ``"task"`` (one copy per objective, i.e. per task) or ``"frozen"``.
+        adapting: the objective of the inner loop (``"frozen"`` applies to it only).
 
     Example:
         >>> objective = mk.inner.model_objective(model, mk.tasks.mse_loss)  # doctest: +SKIP
         >>> objective(dict(model.named_parameters()), task.support)  # doctest: +SKIP
     """
-
-    buffers = dict(model.named_buffers())  # once per objective, not once per step
+    check_policy(buffers)
+    values = task_buffers(model, buffers)  # once per objective, not once per step
+    frozen = buffers == "frozen" and adapting
 
     def objective(params: Mapping[str, torch.Tensor], batch: Any) -> torch.Tensor:
-        return loss_fn(bind(model, params, check_names=False, buffers=buffers), batch)
+        with eval_statistics(model, frozen):
+            return loss_fn(bind(model, params, check_names=False, buffers=values), batch)
 
     return objective
 
@@ -96,12 +108,22 @@ class InnerLoop:
         steps: number of inner updates (≥ 1).
         learn_lr: MetaSGD: learn a per-element scale of every inner update, initialised to 1 (so
             the effective rate starts at the optimizer's), as outer parameters of the learner.
+        buffers: what the inner loop's forwards do to BatchNorm statistics and other buffers:
+            ``"update"`` them in place (default), keep a copy per ``"task"``, or use the running
+            statistics, ``"frozen"`` (:mod:`metakit.buffers`).
 
     Example:
         >>> inner = mk.InnerLoop(params=mk.select("head.*"), optimizer=torchopt.sgd(lr=0.03), steps=5)
     """
 
-    def __init__(self, params: Spec, optimizer: GradientTransformation, steps: int, learn_lr: bool = False):
+    def __init__(
+        self,
+        params: Spec,
+        optimizer: GradientTransformation,
+        steps: int,
+        learn_lr: bool = False,
+        buffers: BufferPolicy = "update",
+    ):
         if not isinstance(params, Spec):
             raise TypeError(
                 f"InnerLoop(params=...) expects a metakit Spec such as mk.select('head.*'), got "
@@ -116,13 +138,16 @@ class InnerLoop:
             )
         if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
             raise ValueError(f"InnerLoop(steps=...) must be an int >= 1, got {steps!r}.")
+        check_policy(buffers)
         self.params = params
         self.optimizer = optimizer
         self.steps = steps
         self.learn_lr = learn_lr
+        self.buffers = buffers
 
     def __repr__(self) -> str:
         extra = ", learn_lr=True" if self.learn_lr else ""
+        extra += f", buffers={self.buffers!r}" if self.buffers != "update" else ""
         return f"InnerLoop(params={self.params!r}, steps={self.steps}{extra})"
 
     # -- one step ---------------------------------------------------------------------------------

@@ -105,7 +105,15 @@ class TaskProblem:
         """
         if self.cut is not None:
             return self.cut.objective(self.model, self.loss_fn)
-        return model_objective(self.model, self.loss_fn)
+        return model_objective(self.model, self.loss_fn, buffers=self.inner.buffers)
+
+    @functools.cached_property
+    def query_objective(self) -> Objective:
+        """The objective of the query forward: :attr:`objective`, except that ``"frozen"`` buffers
+        apply to adaptation only (the query forward runs the module as it is)."""
+        if self.cut is None and self.inner.buffers == "frozen":
+            return model_objective(self.model, self.loss_fn, buffers="frozen", adapting=False)
+        return self.objective
 
     def inner_inputs(self, differentiable: bool) -> tuple[Any, Params]:
         """The support batch and the context the inner steps run on.
@@ -155,7 +163,7 @@ class TaskProblem:
     def query_loss(self, adapted: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """The query loss of the model with ``adapted`` inner parameters (differentiable)."""
         if self.cut is None:
-            loss = self.objective({**self.context, **adapted}, self.task.query)
+            loss = self.query_objective({**self.context, **adapted}, self.task.query)
         else:
             features = self._features(self.task.query, graph=True)
             loss = self.objective({**self.context, **adapted, FEATURES: features}, self.task.query)
