@@ -75,7 +75,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Add ``metakit bench``'s options to ``parser``."""
     _reject_unknown_options(parser)
     parser.add_argument(
-        "--full", action="store_true", help="the full grid (S=1,5,10,20, size sweep) instead of the quick one"
+        "--full",
+        action="store_true",
+        help="the full grid (S=1,5,10,20, Vmap, priming reuse) instead of the quick one",
     )
     parser.add_argument(
         "--device",
