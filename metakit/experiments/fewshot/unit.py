@@ -88,6 +88,9 @@ class FewShotResources:
     """
 
     def __init__(self, config: FewShotConfig, checkpoint_dir: str | Path | None = None):
+        from datasets.utils.logging import disable_progress_bar
+
+        disable_progress_bar()  # one bar per tiny select()/filter() drowns the experiment's own bars
         self.config = config
         self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
         self._backbone: FewShotBackbone | None = None
@@ -226,6 +229,53 @@ class FewShotResources:
         return state
 
 
+def evaluate_episode(
+    config: FewShotConfig,
+    setting: FewShotSetting,
+    resources: FewShotResources,
+    train: Dataset,
+    classes: list[str],
+    test: Dataset,
+    *,
+    lr: float,
+    seed: int,
+    state: dict[str, torch.Tensor] | None = None,
+    test_features: torch.Tensor | None = None,
+    device: str | torch.device = "cpu",
+) -> tuple[list[str], dict[str, float], float]:
+    """Build ``setting``'s model (with ``state``), fine-tune it on ``train``, predict ``test``'s labels.
+
+    Args:
+        train: the support set (``label`` names among ``classes``).
+        classes: the episode's classes; predictions are names from it.
+        test_features: the untouched encoder's encodings of ``test`` (head-only tuning skips the encoder).
+
+    Returns:
+        Predicted label names (test order), the fine-tuning log, and the share of parameters tuned.
+    """
+    c = config
+    backbone = resources.backbone
+    model, groups = backbone.build(setting, c.seed, state)
+    model.to(device)
+    support = episode_batch(backbone.tokenizer, label_ids(train, classes), c.max_length, c.text_prefix)
+    support.inputs = {key: value.to(device) for key, value in support.inputs.items()}
+    support.labels = support.labels.to(device)
+    head_only = setting.tune == "head"
+    tuned = groups.tuned(setting)
+    log = finetune_episode(
+        model, tuned, support, steps=c.ft_steps, batch_size=c.ft_batch_size, lr=lr, seed=seed,
+        head_only=head_only, eval_batch_size=c.eval_batch_size,
+    )  # fmt: skip
+    if head_only and test_features is not None:
+        predicted = predict_labels(model, support.prototypes, features=test_features.to(device))
+    else:
+        inputs = input_batches(backbone.tokenizer, test, c.max_length, c.eval_batch_size, c.text_prefix)
+        predicted = predict_labels(
+            model, support.prototypes, inputs=[{k: v.to(device) for k, v in b.items()} for b in inputs]
+        )
+    return [classes[i] for i in predicted], log, fraction(model, tuned)
+
+
 def run_unit(
     config: FewShotConfig,
     setting: str | FewShotSetting,
@@ -249,7 +299,8 @@ def run_unit(
         A JSON-ready dict: the unit's keys, ``accuracy``, ``macro_f1``, ``n_test``, ``n_scored``,
         ``unseen_test_labels`` (test labels the episode never shows: counted, not scored), ``classes``,
         ``predictions`` and ``gold`` (label names, test order), fine-tuning losses, ``tuned_fraction``,
-        ``at_max_length`` (test examples that fill ``max_length``, probably truncated) and ``seconds``.
+        ``at_max_length`` (test examples that fill ``max_length``, probably truncated), ``seconds`` (this
+        unit) and ``meta_seconds`` (meta-training, if this unit was the first of its setting to need it).
     """
     spec = FEWSHOT_SETTINGS.get(setting) if isinstance(setting, str) else setting
     if spec is None:
@@ -267,30 +318,13 @@ def run_unit(
         )
     state = resources.meta_state(spec) if spec.meta is not None else None
     meta_seconds = time.perf_counter() - began
-    backbone = resources.backbone
-    model, groups = backbone.build(spec, c.seed, state)
-    model.to(device)
-    support = episode_batch(backbone.tokenizer, label_ids(train, classes), c.max_length, c.text_prefix)
-    support.inputs = {key: value.to(device) for key, value in support.inputs.items()}
-    support.labels = support.labels.to(device)
     lr = {"full": c.ft_lr_full, "head": c.ft_lr_head, "pe": c.ft_lr_pe}[spec.tune]
-    head_only = spec.tune == "head"
-    tuned = groups.tuned(spec)
-    log = finetune_episode(
-        model, tuned, support, steps=c.ft_steps, batch_size=c.ft_batch_size, lr=lr,
-        seed=c.seed + episode, head_only=head_only, eval_batch_size=c.eval_batch_size,
-    )  # fmt: skip
     test = resources.test(task)
-    if head_only:
-        predicted = predict_labels(
-            model, support.prototypes, features=resources.test_features(task).to(device)
-        )
-    else:
-        batches = (
-            {key: value.to(device) for key, value in batch.items()} for batch in resources._test_inputs(task)
-        )
-        predicted = predict_labels(model, support.prototypes, inputs=batches)
-    predicted_names = [classes[i] for i in predicted]
+    outcome = evaluate_episode(
+        c, spec, resources, train, classes, test, lr=lr, seed=c.seed + episode, state=state,
+        test_features=resources.test_features(task) if spec.tune == "head" else None, device=device,
+    )  # fmt: skip
+    predicted_names, log, tuned_fraction = outcome
     gold = list(test["label"])
     return {
         "setting": spec.key,
@@ -302,10 +336,10 @@ def run_unit(
         "classes": classes,
         "lr": lr,
         **{f"ft_{key}": value for key, value in log.items()},
-        "tuned_fraction": fraction(model, tuned),
+        "tuned_fraction": tuned_fraction,
         "at_max_length": resources.at_max_length(task),
         "meta_seconds": meta_seconds,
-        "seconds": time.perf_counter() - began,
+        "seconds": time.perf_counter() - began - meta_seconds,
         "predictions": predicted_names,
         "gold": gold,
     }
