@@ -121,7 +121,7 @@ def test_presets_and_bad_config():
     assert set(FEWSHOT_PRESETS) == {"paper", "cpu", "cpu-quick", "tiny"}
     cpu = load_fewshot_config("cpu")
     assert (
-        cpu.shots == [8, 16] and cpu.episodes == [0, 1, 2] and cpu.max_length == 64 and len(cpu.tasks) == 12
+        cpu.shots == [8, 16] and cpu.episodes == [0, 1] and cpu.max_length == 48 and len(cpu.tasks) == 12
     )
     paper = load_fewshot_config("paper")
     assert paper.shots == [4, 8, 16] and len(paper.episodes) == 10 and paper.test_examples is None
