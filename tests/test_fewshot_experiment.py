@@ -11,6 +11,7 @@ import torch
 
 from metakit.experiments.fewshot.config import FEWSHOT_PRESETS, load_fewshot_config
 from metakit.experiments.fewshot.hparams import choose_finetune_lrs
+from metakit.experiments.fewshot.report import fewshot_table, paired_comparison
 from metakit.experiments.fewshot.settings import FEWSHOT_SETTINGS
 from metakit.experiments.fewshot.unit import FewShotResources, fewshot_units, run_unit, score
 from metakit.tasks.glue_meta import DEFAULT_GLUE_META_DIR
@@ -120,9 +121,7 @@ def test_learning_rates_are_chosen_on_the_pool_dev_sets(tiny):
 def test_presets_and_bad_config():
     assert set(FEWSHOT_PRESETS) == {"paper", "cpu", "cpu-quick", "tiny"}
     cpu = load_fewshot_config("cpu")
-    assert (
-        cpu.shots == [8, 16] and cpu.episodes == [0, 1] and cpu.max_length == 48 and len(cpu.tasks) == 12
-    )
+    assert cpu.shots == [8, 16] and cpu.episodes == [0, 1] and cpu.max_length == 48 and len(cpu.tasks) == 12
     paper = load_fewshot_config("paper")
     assert paper.shots == [4, 8, 16] and len(paper.episodes) == 10 and paper.test_examples is None
     with pytest.raises(ValueError, match=r"shots \[5\] are not LEOPARD's"):
@@ -139,3 +138,29 @@ def test_missing_data_folder_is_named(tmp_path):
     config = load_fewshot_config("tiny", overrides={"leopard_dir": str(tmp_path / "nowhere")})
     with pytest.raises(FileNotFoundError, match=r"LEOPARD data folder .*nowhere.* does not exist"):
         run_unit(config, "head", "scitail", 4, 0)
+
+
+def _unit(setting, task, k, episode, accuracy):
+    return {"setting": setting, "task": task, "k": k, "episode": episode, "accuracy": accuracy}
+
+
+def test_paired_comparison_by_hand():
+    diffs = [0.1, 0.3, -0.1, 0.0]
+    units = [_unit("adapters", "t", 8, e, 0.5) for e in range(4)]
+    units += [_unit("meta_adapters", "t", 8, e, 0.5 + d) for e, d in enumerate(diffs)]
+    units.append(_unit("meta_adapters", "t", 16, 0, 0.9))  # no partner: not a pair
+    result = paired_comparison(units, "meta_adapters", "adapters")
+    assert (result["pairs"], result["wins"], result["losses"], result["ties"]) == (4, 2, 1, 1)
+    assert result["mean_difference"] == pytest.approx(0.075)
+    sd = (sum((d - 0.075) ** 2 for d in diffs) / 3) ** 0.5
+    half = 3.182446305284263 * sd / 2  # t(0.975, df=3) · sd / √4
+    assert result["ci95"] == pytest.approx((0.075 - half, 0.075 + half))
+
+
+def test_fewshot_table_mean_and_std():
+    units = [_unit("head", "scitail", 8, e, v) for e, v in enumerate([0.6, 0.8])]
+    units += [_unit("full", "scitail", 8, 0, 0.7), _unit("full", "airline", 8, 0, float("nan"))]
+    table = fewshot_table(units)
+    assert "| (b) Prototype head only | – | 70.0 ± 14.1 | 70.0 |" in table
+    assert "| (a) Full fine-tuning | – | 70.0 | 70.0 |" in table
+    assert "1 unit(s) had no scorable test example" in table
