@@ -54,7 +54,8 @@ class FewShotConfig:
     Fine-tuning on an episode's support set:
         ft_steps (AdamW steps, linear decay), ft_batch_size, ft_lr_full, ft_lr_head, ft_lr_pe; chosen on
         the pool's dev sets by :func:`metakit.experiments.fewshot.hparams.choose_finetune_lrs` from
-        hp_grid (candidate learning rates per kind of tuning).
+        hp_grid (candidate learning rates per kind of tuning), on hp_tasks (``None``: every pool task),
+        hp_episodes simulated hp_k-shot episodes per task, hp_dev_examples dev examples per task.
     Other: seed (meta-training, initialisation), eval_batch_size, threads (0: torch's default).
     """
 
@@ -98,6 +99,10 @@ class FewShotConfig:
             "pe": [3e-4, 1e-3, 3e-3],
         }
     )
+    hp_tasks: list[str] | None = None
+    hp_episodes: int = 2
+    hp_k: int = 8
+    hp_dev_examples: int = 200
     seed: int = 0
     eval_batch_size: int = 64
     threads: int = 0
@@ -106,6 +111,7 @@ class FewShotConfig:
         _check_names("settings", self.settings, FEWSHOT_SETTINGS)
         _check_names("tasks", self.tasks, LEOPARD_TASKS)
         _check_names("pool_tasks", self.pool_tasks, GLUE_META_TASKS)
+        _check_names("hp_tasks", self.hp_tasks or [], {t: 1 for t in self.pool_tasks})
         bad_k = [k for k in self.shots if k not in LEOPARD_SHOTS]
         if bad_k:
             raise ValueError(
@@ -184,6 +190,11 @@ FEWSHOT_PRESETS: dict[str, dict[str, Any]] = {
         "meta_strategy": "first",
         "ft_steps": 8,
         "ft_batch_size": 16,
+        # 8 steps: wider rates than the paper preset's grid.
+        "hp_grid": {"full": [3e-5, 1e-4, 3e-4], "head": [1e-3, 1e-2, 3e-2], "pe": [1e-3, 3e-3, 1e-2]},
+        "hp_tasks": ["MNLI", "SST-2", "subj", "trec"],
+        "hp_episodes": 1,
+        "hp_dev_examples": 100,
         "threads": 1,
     },
     # A few minutes: three tasks, k = 8, one episode.

@@ -35,21 +35,25 @@ def choose_finetune_lrs(
     *,
     kinds: Sequence[str] = ("full", "head", "pe"),
     tasks: Sequence[str] | None = None,
-    k: int = 8,
-    episodes: int = 2,
-    dev_examples: int = 200,
+    k: int | None = None,
+    episodes: int | None = None,
+    dev_examples: int | None = None,
 ) -> dict[str, Any]:
     """Pick ``ft_lr_full``, ``ft_lr_head``, ``ft_lr_pe`` from ``config.hp_grid`` on the pool's dev sets.
 
     Args:
         kinds: which rates to choose.
-        tasks: pool tasks to simulate episodes on (default: the config's ``pool_tasks``).
-        k: support examples per class; episodes: simulated episodes per task; dev_examples: per task.
+        tasks: pool tasks to simulate episodes on (default: the config's ``hp_tasks``, else ``pool_tasks``).
+        k: support examples per class; episodes: simulated episodes per task; dev_examples: per task
+            (defaults: the config's ``hp_k``, ``hp_episodes``, ``hp_dev_examples``).
 
     Returns:
         ``{"lrs": {"ft_lr_full": ..., ...}, "accuracy": {kind: {lr: mean accuracy}}, "protocol": {...}}``.
     """
-    tasks = list(tasks or config.pool_tasks)
+    tasks = list(tasks or config.hp_tasks or config.pool_tasks)
+    k = k if k is not None else config.hp_k
+    episodes = episodes if episodes is not None else config.hp_episodes
+    dev_examples = dev_examples if dev_examples is not None else config.hp_dev_examples
     unknown = sorted(set(kinds) - set(_KIND_SETTING))
     if unknown:
         raise ValueError(f"Unknown kinds of tuning {unknown}; choose from {sorted(_KIND_SETTING)}.")

@@ -31,11 +31,20 @@ from metakit.tasks.episodes import FewShotSampler
 __all__ = ["meta_train", "pool_task"]
 
 
-def pool_task(tokenizer: PreTrainedTokenizerBase, episode, max_length: int, prefix: str = "") -> Task:
+def pool_task(
+    tokenizer: PreTrainedTokenizerBase,
+    episode,
+    max_length: int,
+    prefix: str = "",
+    device: str | torch.device = "cpu",
+) -> Task:
     """A :class:`~metakit.Task` of an :class:`~metakit.tasks.episodes.Episode`, prototype head and loss."""
     support = episode_batch(tokenizer, episode.support, max_length, prefix)
     support.n_classes = episode.n_way
     query = episode_batch(tokenizer, episode.query, max_length, prefix, support=support)
+    for batch in (support, query):
+        batch.inputs = {key: value.to(device) for key, value in batch.inputs.items()}
+        batch.labels = batch.labels.to(device)
     return Task(support, query, prototype_loss)
 
 
@@ -48,8 +57,9 @@ def meta_train(
     pool: Mapping[str, Dataset],
     *,
     writer: SummaryWriter | None = None,
+    device: str | torch.device = "cpu",
 ) -> dict[str, object]:
-    """Meta-train ``model`` in place for ``setting`` on ``pool``; returns a log of the run.
+    """Meta-train ``model`` (already on ``device``) in place for ``setting`` on ``pool``; returns a log.
 
     Returns:
         ``{"steps", "query_loss" (per step), "inner_loss_first", "inner_loss_last" (mean over tasks)}``.
@@ -83,7 +93,8 @@ def meta_train(
     model.train()
     for step in tqdm(range(c.meta_steps), desc=f"meta-train {setting.key}", leave=False, unit="step"):
         tasks = [
-            pool_task(tokenizer, sampler.sample(), c.max_length, c.text_prefix) for _ in range(c.meta_batch)
+            pool_task(tokenizer, sampler.sample(), c.max_length, c.text_prefix, device)
+            for _ in range(c.meta_batch)
         ]
         result = learner.meta_step(tasks)
         optimizer.step()

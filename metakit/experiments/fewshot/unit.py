@@ -206,8 +206,11 @@ class FewShotResources:
             )
         return self._truncated[task]
 
-    def meta_state(self, setting: FewShotSetting) -> dict[str, torch.Tensor]:
-        """The weights meta-training gives ``setting`` (trained on first use, then cached / checkpointed)."""
+    def meta_state(
+        self, setting: FewShotSetting, device: str | torch.device = "cpu"
+    ) -> dict[str, torch.Tensor]:
+        """The weights meta-training gives ``setting`` (trained on ``device`` on first use, then cached and
+        checkpointed; returned on the CPU)."""
         if setting.key in self._meta:
             return self._meta[setting.key]
         path = self.checkpoint_dir / f"meta-{setting.key}.pt" if self.checkpoint_dir is not None else None
@@ -215,12 +218,15 @@ class FewShotResources:
             state = torch.load(path, weights_only=True)
         else:
             model, groups = self.backbone.build(setting, self.config.seed)
+            model.to(device)
             began = time.perf_counter()
-            log = meta_train(self.config, setting, model, groups, self.backbone.tokenizer, self.pool())
+            log = meta_train(
+                self.config, setting, model, groups, self.backbone.tokenizer, self.pool(), device=device
+            )
             log["seconds"] = time.perf_counter() - began
             self.meta_logs[setting.key] = log
             trained = groups.pe | groups.backbone if setting.meta == "priming" else groups.pe
-            state = trainable_state(model, trained)
+            state = {name: value.cpu() for name, value in trainable_state(model, trained).items()}
             if path is not None:
                 path.parent.mkdir(parents=True, exist_ok=True)
                 torch.save(state, path.with_suffix(".tmp"))
@@ -316,7 +322,7 @@ def run_unit(
         raise ValueError(
             f"{task} has {len(classes)} classes, more than max_classes={c.max_classes}; raise max_classes."
         )
-    state = resources.meta_state(spec) if spec.meta is not None else None
+    state = resources.meta_state(spec, device) if spec.meta is not None else None
     meta_seconds = time.perf_counter() - began
     lr = {"full": c.ft_lr_full, "head": c.ft_lr_head, "pe": c.ft_lr_pe}[spec.tune]
     test = resources.test(task)
