@@ -164,3 +164,15 @@ def test_fewshot_table_mean_and_std():
     assert "| (b) Prototype head only | – | 70.0 ± 14.1 | 70.0 |" in table
     assert "| (a) Full fine-tuning | – | 70.0 | 70.0 |" in table
     assert "1 unit(s) had no scorable test example" in table
+
+
+def test_meta_training_is_checkpointed_and_reused(tmp_path):
+    config = load_fewshot_config("tiny", overrides={"settings": ["meta_lora"], "tasks": ["scitail"]})
+    setting = FEWSHOT_SETTINGS["meta_lora"]
+    first = FewShotResources(config, checkpoint_dir=tmp_path)
+    state = first.meta_state(setting)
+    assert (tmp_path / "meta-meta_lora.pt").is_file() and "meta_lora" in first.meta_logs
+    again = FewShotResources(config, checkpoint_dir=tmp_path)
+    reloaded = again.meta_state(setting)
+    assert again.meta_logs == {}  # loaded, not trained again
+    assert reloaded.keys() == state.keys() and all(torch.equal(reloaded[n], state[n]) for n in state)
