@@ -86,7 +86,7 @@ def test_fine_tuning_fits_the_support_set(tiny):
     longer = dataclasses.replace(
         config, ft_steps=100, ft_batch_size=64, ft_lr_head=0.1, ft_lr_pe=1e-2, ft_lr_full=1e-3
     )
-    for setting, bound in (("head", 0.5), ("adapters", 0.85), ("full", 0.85)):
+    for setting, bound in (("head", 0.5), ("adapters", 0.9), ("full", 0.8)):  # seen: 0.3, 0.74, 0.57
         result = run_unit(longer, setting, "political_message", 4, 0, resources=resources)
         assert result["ft_final_loss"] < bound * result["ft_initial_loss"], setting
 
