@@ -81,13 +81,13 @@ def meta_train(
             model, prototype_loss, pe=groups.pe, head=groups.head, backbone=groups.backbone,
             steps=c.inner_steps, strategy=FirstOrder(), optimizer=inner_opt,
         )  # fmt: skip
-        pe_names = set(groups.pe.names(model))
-        outer = dict(model.named_parameters())
-        pe_params = [p for n, p in outer.items() if n in pe_names and p.requires_grad]
-        backbone = [p for n, p in outer.items() if n in set(groups.backbone.names(model)) and p.requires_grad]
-        optimizer = torch.optim.AdamW(
-            [{"params": pe_params, "lr": c.outer_lr}, {"params": backbone, "lr": c.prime_lr}]
-        )
+        pe_names, backbone_names = set(groups.pe.names(model)), set(groups.backbone.names(model))
+        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        groups_lr = [
+            {"params": [p for n, p in named if n in pe_names], "lr": c.outer_lr},
+            {"params": [p for n, p in named if n in backbone_names], "lr": c.prime_lr},
+        ]
+        optimizer = torch.optim.AdamW(groups_lr)
     sampler = FewShotSampler(pool, c.n_way, c.k_shot, c.q_query, seed=c.seed)
     log: dict[str, list[float]] = {"query_loss": [], "inner_loss_first": [], "inner_loss_last": []}
     model.train()
