@@ -171,9 +171,11 @@ FEWSHOT_PRESETS: dict[str, dict[str, Any]] = {
         "meta_strategy": "second",
         "ft_steps": 50,
     },
-    # One process, one thread (~90 minutes for all seven settings; estimate from measured per-unit
-    # costs, see the module's docs): k = 8 and 16, episodes 0 and 1, 100 test examples per task (seeded,
-    # stratified), max length 48, 8 fine-tuning steps, a short first-order meta-training.
+    # One process, one thread, all seven settings in an estimated ~85 minutes of CPU (measured per unit,
+    # 1 thread: adapters/LoRA/full ~12-15 s, head ~1.4 s, a meta-step ~6.5 s; 288 + 48 units, 3 x 30
+    # meta-steps, the learning-rate search ~6 min): k = 8 and 16, episodes 0 and 1, 100 test examples
+    # per task (seeded, stratified), max length 48, 8 fine-tuning steps, first-order meta-training.
+    # Three episodes (the example) would need ~115 minutes.
     "cpu": {
         "model": "e5",
         "shots": [8, 16],
@@ -190,6 +192,12 @@ FEWSHOT_PRESETS: dict[str, dict[str, Any]] = {
         "meta_strategy": "first",
         "ft_steps": 8,
         "ft_batch_size": 16,
+        # Chosen by choose_finetune_lrs on this preset (pool dev sets of MNLI, SST-2, subj, trec; one
+        # 8-shot episode each; 100 dev examples): mean dev accuracy full 3e-5/1e-4/3e-4 = .648/.670/.645,
+        # head 1e-3/1e-2/3e-2 = .653/.623/.563, pe 1e-3/3e-3/1e-2 = .655/.650/.543 (340 s of CPU).
+        "ft_lr_full": 1e-4,
+        "ft_lr_head": 1e-3,
+        "ft_lr_pe": 1e-3,
         # 8 steps: wider rates than the paper preset's grid.
         "hp_grid": {"full": [3e-5, 1e-4, 3e-4], "head": [1e-3, 1e-2, 3e-2], "pe": [1e-3, 3e-3, 1e-2]},
         "hp_tasks": ["MNLI", "SST-2", "subj", "trec"],
