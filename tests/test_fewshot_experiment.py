@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 from pathlib import Path
 
@@ -91,11 +92,17 @@ def test_fine_tuning_fits_the_support_set(tiny):
         assert result["ft_final_loss"] < bound * result["ft_initial_loss"], setting
 
 
-def test_units_skip_the_empty_episode(tiny):
+def test_units_skip_the_empty_episode(tiny, caplog):
     _, resources = tiny
     config = load_fewshot_config("tiny", overrides={"tasks": ["disaster"], "shots": [16], "episodes": [0, 1]})
-    units = list(fewshot_units(config, FewShotResources(config)))
+    fresh = FewShotResources(config)
+    with caplog.at_level(logging.WARNING, logger="metakit.experiments.fewshot.unit"):
+        units = list(fewshot_units(config, fresh))
     assert {(t, k, e) for _, t, k, e in units} == {("disaster", 16, 1)}
+    assert fresh.skipped == [("disaster", 16, 0)]
+    assert [r.getMessage() for r in caplog.records] == [
+        "Skipping LEOPARD disaster k=16 episode 0: its file is empty upstream."
+    ]
     with pytest.raises(EmptyEpisodeError, match=r"disaster_train_0_16\.json is empty"):
         run_unit(config, "head", "disaster", 16, 0, resources=resources)
 

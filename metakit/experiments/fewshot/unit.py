@@ -14,6 +14,7 @@ Example:
 
 from __future__ import annotations
 
+import logging
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -40,19 +41,31 @@ from metakit.tasks.leopard import (
     stratified_subsample,
 )
 
-__all__ = ["FewShotResources", "fewshot_units", "run_unit", "score"]
+__all__ = ["FewShotResources", "evaluate_episode", "fewshot_units", "run_unit", "score"]
+
+logger = logging.getLogger(__name__)
 
 #: Test and pool sub-samples use this seed whatever the run's seed, so every setting sees the same data.
 DATA_SEED = 0
 
 
 def fewshot_units(config: FewShotConfig, resources: FewShotResources | None = None) -> Iterator[tuple]:
-    """Every ``(setting, task, k, episode)`` the config selects, skipping empty upstream episodes."""
+    """Every ``(setting, task, k, episode)`` the config selects; empty upstream episodes are skipped,
+    logged once and listed in ``resources.skipped``."""
+    resources = resources if resources is not None else FewShotResources(config)
     for setting in config.settings:
         for task in config.tasks:
             for k in config.shots:
                 for episode in config.episodes:
-                    if resources is not None and resources.is_empty(task, k, episode):
+                    if resources.is_empty(task, k, episode):
+                        if (task, k, episode) not in resources.skipped:
+                            resources.skipped.append((task, k, episode))
+                            logger.warning(
+                                "Skipping LEOPARD %s k=%d episode %d: its file is empty upstream.",
+                                task,
+                                k,
+                                episode,
+                            )
                         continue
                     yield setting, task, k, episode
 
@@ -101,6 +114,8 @@ class FewShotResources:
         self.meta_logs: dict[str, dict[str, Any]] = {}
         self._pool: dict[str, Dataset] | None = None
         self._truncated: dict[str, int] = {}
+        #: ``(task, k, episode)`` of the empty upstream episodes :func:`fewshot_units` skipped.
+        self.skipped: list[tuple[str, int, int]] = []
 
     # -- data --------------------------------------------------------------------------------------
     def episode(self, task: str, k: int, episode: int) -> Dataset:
