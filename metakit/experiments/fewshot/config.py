@@ -222,6 +222,9 @@ FEWSHOT_PRESETS: dict[str, dict[str, Any]] = {
         "meta_strategy": "first",
         "ft_steps": 8,
         "ft_batch_size": 32,
+        "ft_lr_full": 1e-4,  # the cpu preset's choice
+        "ft_lr_head": 1e-3,
+        "ft_lr_pe": 1e-3,
         "threads": 1,
     },
     # Seconds: a random tiny BERT; checks the plumbing, not the science.
