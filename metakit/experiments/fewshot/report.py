@@ -97,5 +97,5 @@ def paired_comparison(
             * statistics.stdev(diffs)
             / math.sqrt(len(diffs))
         )
-        result["ci95"] = (result["mean_difference"] - half, result["mean_difference"] + half)
+        result["ci95"] = (float(result["mean_difference"] - half), float(result["mean_difference"] + half))
     return result
