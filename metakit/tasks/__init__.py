@@ -1,6 +1,7 @@
-"""Task samplers and data: sine regression, cross-lingual NER on WikiAnn.
+"""Task samplers and data: sine regression, cross-lingual NER on WikiAnn, few-shot text classification
+(the LEOPARD target tasks, the GLUE-style meta-training pool, N-way k-shot episodes).
 
-The NER parts pull in ``datasets`` and ``seqeval`` (seconds to import), so they load on first use:
+The NER and few-shot parts pull in ``datasets`` and ``seqeval`` (seconds to import), so they load on first use:
 ``metakit.tasks.load_wikiann`` works as usual, ``import metakit`` stays fast.
 """
 
@@ -25,6 +26,17 @@ _LAZY = {
     "read_wikiann_tsv": "metakit.tasks.wikiann",
     "subsample": "metakit.tasks.wikiann",
     "wikiann_features": "metakit.tasks.wikiann",
+    "EmptyEpisodeError": "metakit.tasks.leopard",
+    "LEOPARD_TASKS": "metakit.tasks.leopard",
+    "leopard_episodes": "metakit.tasks.leopard",
+    "load_leopard_episode": "metakit.tasks.leopard",
+    "load_leopard_test": "metakit.tasks.leopard",
+    "stratified_subsample": "metakit.tasks.leopard",
+    "GLUE_META_TASKS": "metakit.tasks.glue_meta",
+    "load_glue_meta": "metakit.tasks.glue_meta",
+    "load_glue_meta_pool": "metakit.tasks.glue_meta",
+    "Episode": "metakit.tasks.episodes",
+    "FewShotSampler": "metakit.tasks.episodes",
 }
 
 __all__ = ["SineTasks", "mse_loss", "sine_mlp", *_LAZY]

@@ -1,0 +1,44 @@
+"""The few-shot experiment: Meta-Adapters and its baselines on LEOPARD, meta-trained on a GLUE-style pool.
+
+A unit is ``(setting, task, k, episode)``. The parts, each a module:
+
+- :mod:`.config`: :class:`FewShotConfig`, :data:`FEWSHOT_PRESETS` (``paper``, ``cpu``, ``cpu-quick``,
+  ``tiny``), :func:`load_fewshot_config` (preset → TOML/YAML file → overrides, strict keys, the shared
+  :func:`metakit.experiments.config.read_config_file`), ``fingerprint()`` over every key but the
+  selection (``settings``, ``tasks``, ``shots``, ``episodes``) for exact resume.
+- :mod:`.settings`: :data:`FEWSHOT_SETTINGS`, (a) ``full``, (b) ``head``, (c) ``adapters``,
+  (d) ``meta_adapters``, (e) ``priming``, (f1) ``lora``, (f2) ``meta_lora``.
+- :mod:`.unit`: :func:`run_unit` (a pure function of the config and the unit, returning a JSON-ready
+  dict with predictions), :class:`FewShotResources` (what units share: encoder, data, the frozen
+  encoder's test encodings, meta-trained weights — checkpointed as ``meta-{setting}.pt`` in its
+  ``checkpoint_dir``), :func:`fewshot_units` (the units a config selects, empty upstream episodes left out).
+- :mod:`.meta`: meta-training on the pool; :mod:`.tune`: fine-tuning on an episode and prediction;
+  :mod:`.hparams`: fine-tuning learning rates chosen on the pool's dev sets; :mod:`.report`: per-task
+  mean ± std tables and paired comparisons.
+
+Plugging into a runner: for each unit of ``fewshot_units(config, resources)`` not yet in the results,
+call ``run_unit(config, *unit, resources=resources)`` and store the dict (predictions may go to their
+own file); meta-training happens inside the first unit of a setting that needs it and is checkpointed,
+so a resumed run reuses it. ``choose_finetune_lrs(config, resources)["lrs"]`` is a dict of config
+overrides to apply once, before the first unit.
+
+Example:
+    >>> config = load_fewshot_config("tiny")  # doctest: +SKIP
+    >>> resources = FewShotResources(config, checkpoint_dir="runs/tiny/checkpoints")  # doctest: +SKIP
+    >>> results = [run_unit(config, *u, resources=resources) for u in fewshot_units(config, resources)]  # doctest: +SKIP
+"""
+
+from metakit.experiments.fewshot.config import FEWSHOT_PRESETS, FewShotConfig, load_fewshot_config
+from metakit.experiments.fewshot.settings import FEWSHOT_SETTINGS, FewShotSetting
+from metakit.experiments.fewshot.unit import FewShotResources, fewshot_units, run_unit
+
+__all__ = [
+    "FEWSHOT_PRESETS",
+    "FEWSHOT_SETTINGS",
+    "FewShotConfig",
+    "FewShotResources",
+    "FewShotSetting",
+    "fewshot_units",
+    "load_fewshot_config",
+    "run_unit",
+]

@@ -1,0 +1,113 @@
+"""Meta-training on the GLUE-style pool: Meta-Adapters (settings d, f2) and priming (setting e).
+
+Every episode is an N-way k-shot task from one pool dataset, its head started from the support set's
+prototypes (:mod:`metakit.prototype`). Meta-Adapters use :func:`metakit.recipes.meta_adapters` (inner:
+PE modules + head; outer: PE modules; backbone frozen); priming uses :func:`metakit.recipes.priming`
+(inner: PE modules + head; outer: backbone + PE modules; first order, Algorithm 1). The head's offset is
+reset to zero after every meta-step: tasks have different label sets, so no head value carries over.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+import torchopt
+from datasets import Dataset
+from torch.utils.tensorboard import SummaryWriter
+from tqdm.auto import tqdm
+from transformers import PreTrainedTokenizerBase
+
+from metakit import recipes
+from metakit.experiments.fewshot.config import FewShotConfig
+from metakit.experiments.fewshot.data import episode_batch
+from metakit.experiments.fewshot.model import FewShotGroups
+from metakit.experiments.fewshot.settings import FewShotSetting
+from metakit.prototype import PrototypeClassifier, prototype_loss
+from metakit.strategies import FirstOrder, SecondOrder
+from metakit.task import Task
+from metakit.tasks.episodes import FewShotSampler
+
+__all__ = ["meta_train", "pool_task"]
+
+
+def pool_task(
+    tokenizer: PreTrainedTokenizerBase,
+    episode,
+    max_length: int,
+    prefix: str = "",
+    device: str | torch.device = "cpu",
+) -> Task:
+    """A :class:`~metakit.Task` of an :class:`~metakit.tasks.episodes.Episode`, prototype head and loss."""
+    support = episode_batch(tokenizer, episode.support, max_length, prefix)
+    support.n_classes = episode.n_way
+    query = episode_batch(tokenizer, episode.query, max_length, prefix, support=support)
+    for batch in (support, query):
+        batch.inputs = {key: value.to(device) for key, value in batch.inputs.items()}
+        batch.labels = batch.labels.to(device)
+    return Task(support, query, prototype_loss)
+
+
+def meta_train(
+    config: FewShotConfig,
+    setting: FewShotSetting,
+    model: PrototypeClassifier,
+    groups: FewShotGroups,
+    tokenizer: PreTrainedTokenizerBase,
+    pool: Mapping[str, Dataset],
+    *,
+    writer: SummaryWriter | None = None,
+    device: str | torch.device = "cpu",
+) -> dict[str, object]:
+    """Meta-train ``model`` (already on ``device``) in place for ``setting`` on ``pool``; returns a log.
+
+    Returns:
+        ``{"steps", "query_loss" (per step), "inner_loss_first", "inner_loss_last" (mean over tasks)}``.
+    """
+    if setting.meta is None or groups.pe is None:
+        raise ValueError(f"Setting {setting.key!r} has no meta-training.")
+    c = config
+    torch.manual_seed(c.seed)
+    inner_opt = torchopt.sgd(lr=c.inner_lr)
+    if setting.meta == "meta_adapters":
+        strategy = SecondOrder() if c.meta_strategy == "second" else FirstOrder()
+        learner = recipes.meta_adapters(
+            model, prototype_loss, adapters=groups.pe, head=groups.head, steps=c.inner_steps,
+            strategy=strategy, optimizer=inner_opt,
+        )  # fmt: skip
+        optimizer = torch.optim.AdamW(learner.outer_parameters(), lr=c.outer_lr)
+    else:
+        learner = recipes.priming(
+            model, prototype_loss, pe=groups.pe, head=groups.head, backbone=groups.backbone,
+            steps=c.inner_steps, strategy=FirstOrder(), optimizer=inner_opt,
+        )  # fmt: skip
+        pe_names, backbone_names = set(groups.pe.names(model)), set(groups.backbone.names(model))
+        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        groups_lr = [
+            {"params": [p for n, p in named if n in pe_names], "lr": c.outer_lr},
+            {"params": [p for n, p in named if n in backbone_names], "lr": c.prime_lr},
+        ]
+        optimizer = torch.optim.AdamW(groups_lr)
+    sampler = FewShotSampler(pool, c.n_way, c.k_shot, c.q_query, seed=c.seed)
+    log: dict[str, list[float]] = {"query_loss": [], "inner_loss_first": [], "inner_loss_last": []}
+    model.train()
+    for step in tqdm(range(c.meta_steps), desc=f"meta-train {setting.key}", leave=False, unit="step"):
+        tasks = [
+            pool_task(tokenizer, sampler.sample(), c.max_length, c.text_prefix, device)
+            for _ in range(c.meta_batch)
+        ]
+        result = learner.meta_step(tasks)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        with torch.no_grad():
+            model.head.weight.zero_()
+            model.head.bias.zero_()
+        log["query_loss"].append(float(result.loss))
+        log["inner_loss_first"].append(float(result.inner_losses[:, 0].mean()))
+        log["inner_loss_last"].append(float(result.inner_losses[:, -1].mean()))
+        if writer is not None:
+            writer.add_scalar("meta/query_loss", log["query_loss"][-1], step)
+            writer.add_scalar("meta/inner_loss_first", log["inner_loss_first"][-1], step)
+            writer.add_scalar("meta/inner_loss_last", log["inner_loss_last"][-1], step)
+    model.eval()
+    return {"steps": c.meta_steps, **log}

@@ -1,0 +1,112 @@
+"""The few-shot model: a pretrained encoder (loaded once), copied per run with its PE modules and head.
+
+Parameter groups of a run's :class:`~metakit.prototype.PrototypeClassifier`: ``backbone`` (the encoder's
+own weights less what stays frozen), ``pe`` (Houlsby adapters or LoRA, if the setting has them), ``head``
+(the prototype head's offset) and ``frozen`` (the word embeddings when configured).
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+import torch
+from transformers import AutoModel, AutoTokenizer, BertConfig, BertModel, PreTrainedTokenizerBase
+
+from metakit.experiments.fewshot.config import FewShotConfig
+from metakit.experiments.fewshot.settings import FewShotSetting
+from metakit.experiments.model import resolve_model_path
+from metakit.prototype import PrototypeClassifier
+from metakit.spec import Spec, everything, nothing, select
+
+__all__ = ["FewShotBackbone", "FewShotGroups"]
+
+WORD_EMBEDDINGS = select("*word_embeddings.weight")
+
+
+@dataclass
+class FewShotGroups:
+    """The parameter groups of one run's model."""
+
+    backbone: Spec
+    pe: Spec | None
+    head: Spec
+    frozen: Spec
+
+    def tuned(self, setting: FewShotSetting) -> Spec:
+        """What fine-tuning on an episode updates in ``setting``."""
+        if setting.tune == "full":
+            return self.backbone | self.head
+        if setting.tune == "head":
+            return self.head
+        return self.pe | self.head
+
+
+def tiny_encoder(vocab_size: int, hidden: int = 32, layers: int = 2, seed: int = 0) -> BertModel:
+    """A random bare BERT small enough for tests (mean-pooled, so no pooler)."""
+    torch.manual_seed(seed)
+    config = BertConfig(
+        vocab_size=vocab_size,
+        hidden_size=hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=2,
+        intermediate_size=2 * hidden,
+        max_position_embeddings=128,
+    )
+    return BertModel(config, add_pooling_layer=False)
+
+
+class FewShotBackbone:
+    """A pretrained encoder and its tokenizer, loaded once; :meth:`build` makes a run's model.
+
+    Args:
+        config: ``model``, ``bottleneck``, ``lora_rank``, ``lora_alpha``, ``head_init``, ``max_classes``,
+            ``freeze_word_embeddings``.
+        tiny_texts: texts to build the ``"tiny"`` model's vocabulary from.
+    """
+
+    def __init__(self, config: FewShotConfig, tiny_texts: Iterable[str] = ()):
+        self.config = config
+        if config.model == "tiny":
+            from metakit.experiments.tiny import tiny_tokenizer
+
+            self.tokenizer: PreTrainedTokenizerBase = tiny_tokenizer(w for t in tiny_texts for w in t.split())
+            self.encoder = tiny_encoder(len(self.tokenizer))
+        else:
+            path = resolve_model_path(config.model)
+            self.tokenizer = AutoTokenizer.from_pretrained(path, use_fast=True)
+            self.encoder = AutoModel.from_pretrained(path, add_pooling_layer=False)
+        self.encoder.eval()
+        self.hidden_size = int(self.encoder.config.hidden_size)
+
+    def build(
+        self, setting: FewShotSetting, seed: int, state: Mapping[str, torch.Tensor] | None = None
+    ) -> tuple[PrototypeClassifier, FewShotGroups]:
+        """A fresh classifier for ``setting``: encoder copy, PE modules from ``seed``, then ``state`` by name."""
+        from metakit.peft import add_houlsby_adapters, add_lora
+
+        c = self.config
+        torch.manual_seed(seed)
+        model = PrototypeClassifier(copy.deepcopy(self.encoder), self.hidden_size, c.max_classes, c.head_init)
+        pe: Spec | None = None
+        if setting.pe == "houlsby":
+            pe = add_houlsby_adapters(model, bottleneck=c.bottleneck)
+        elif setting.pe == "lora":
+            pe = add_lora(model, rank=c.lora_rank, alpha=c.lora_alpha)
+        head = PrototypeClassifier.head_spec()
+        frozen = WORD_EMBEDDINGS if c.freeze_word_embeddings else nothing()
+        backbone = everything() - head - (pe or nothing()) - frozen
+        if state is not None:
+            params = dict(model.named_parameters())
+            unknown = sorted(set(state) - set(params))
+            if unknown:
+                raise KeyError(f"Saved state names parameters the model lacks: {unknown[:5]}.")
+            with torch.no_grad():
+                for name, value in state.items():
+                    params[name].copy_(value)
+        frozen_names = set(frozen.names(model))
+        for name, param in model.named_parameters():
+            param.requires_grad_(name not in frozen_names)
+        model.eval()
+        return model, FewShotGroups(backbone=backbone, pe=pe, head=head, frozen=frozen)
