@@ -12,6 +12,7 @@ from metakit.lean import ForwardModeError
 from metakit.learner import MetaLearner, MetaStepResult
 from metakit.preflight import Finding, Report, check
 from metakit.problem import Partition, TaskGradient, TaskProblem
+from metakit.prototype import PrototypeClassifier, PrototypeHead, prototype_loss, prototype_task
 from metakit.reuse import Cut, CutError
 from metakit.spec import Spec, combine, everything, explain, module_type, nothing, regex, select
 from metakit.strategies import FirstOrder, Implicit, Reptile, SecondOrder, Strategy, Truncated, Unrolled
@@ -33,6 +34,8 @@ __all__ = [
     "MetaLearner",
     "MetaStepResult",
     "Partition",
+    "PrototypeClassifier",
+    "PrototypeHead",
     "Report",
     "Reptile",
     "SecondOrder",
@@ -52,6 +55,8 @@ __all__ = [
     "explain",
     "module_type",
     "nothing",
+    "prototype_loss",
+    "prototype_task",
     "regex",
     "select",
     "tasks",
