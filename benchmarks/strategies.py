@@ -100,6 +100,7 @@ STRATEGIES: tuple[StrategyEntry, ...] = (
         "Implicit(lam=10.0, cg_steps=20, max_inner_steps=300, residual_tol=0.01)",
         label="Implicit(λ=10, solved)",
         proximal=True,
+        default=False,
     ),
     StrategyEntry(
         "second-order-vmap",
@@ -107,6 +108,7 @@ STRATEGIES: tuple[StrategyEntry, ...] = (
         label="SecondOrder [Vmap]",
         exact=True,
         executor="executors.Vmap()",
+        default=False,
     ),
     StrategyEntry(
         "first-order-vmap",
@@ -114,6 +116,7 @@ STRATEGIES: tuple[StrategyEntry, ...] = (
         label="FirstOrder [Vmap]",
         first_order=True,
         executor="executors.Vmap()",
+        default=False,
     ),
 )
 
