@@ -336,15 +336,19 @@ def unroll_forward_over_reverse(
         n_p = len(layout.param_names)
         current, state_leaves, loss = list(outputs[:n_p]), list(outputs[n_p:-1]), outputs[-1]
         losses.append(loss)
-    adapted = layout.params(current)
-    losses.append(
-        inner.final_loss(adapted, batch, {**constants, **_detached(live_context)}, objective)
-        if trace_final
-        else torch.full_like(losses[0], float("nan"))
+    return _finish(
+        inner,
+        layout,
+        anchor,
+        current,
+        state_leaves,
+        losses,
+        batch,
+        {**constants, **_detached(live_context)},
+        objective=objective,
+        task_index=task_index,
+        trace_final=trace_final,
     )
-    trace = torch.stack(losses)
-    check_finite_trace(trace if trace_final else trace[:-1], task_index, has_final=trace_final)
-    return Adaptation(params=adapted, anchor=anchor, losses=trace, state=layout.state(state_leaves))
 
 
 # -- checkpointed segments ------------------------------------------------------------------------
@@ -407,9 +411,39 @@ def unroll_checkpointed(
         )
         current, state_leaves = list(outputs[:n_p]), list(outputs[n_p:-1])
         losses.extend(outputs[-1].unbind())
+    return _finish(
+        inner,
+        layout,
+        anchor,
+        current,
+        state_leaves,
+        losses,
+        batch,
+        {**constants, **_detached(live_context)},
+        objective=objective,
+        task_index=task_index,
+        trace_final=trace_final,
+    )
+
+
+def _finish(
+    inner: InnerLoop,
+    layout: _Layout,
+    anchor: Params,
+    current: list[torch.Tensor],
+    state_leaves: list[torch.Tensor],
+    losses: list[torch.Tensor],
+    batch: Any,
+    context: Params,
+    *,
+    objective: Objective,
+    task_index: int,
+    trace_final: bool,
+) -> Adaptation:
+    """The :class:`Adaptation` of an unroll: the trace (with the final support loss if asked), checked."""
     adapted = layout.params(current)
     losses.append(
-        inner.final_loss(adapted, batch, {**constants, **_detached(live_context)}, objective)
+        inner.final_loss(adapted, batch, context, objective)
         if trace_final
         else torch.full_like(losses[0], float("nan"))
     )

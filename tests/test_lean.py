@@ -13,12 +13,7 @@ from metakit.tasks import SineTasks, mse_loss
 LEAN = [mk.SecondOrder(hvp="forward"), mk.SecondOrder(checkpoint=1), mk.SecondOrder(checkpoint=2)]
 
 
-@pytest.fixture(autouse=True)
-def float64():
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(previous)
+pytestmark = pytest.mark.usefixtures("float64")
 
 
 def mlp(seed=0, dropout=0.0):
