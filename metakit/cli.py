@@ -31,8 +31,12 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     command = next((arg for arg in argv if not arg.startswith("-")), None)
-    args = build_parser(command if command in SUBCOMMANDS else None).parse_args(argv)
-    return int(args._run(args) or 0)
+    try:
+        args = build_parser(command if command in SUBCOMMANDS else None).parse_args(argv)
+        return int(args._run(args) or 0)
+    except KeyboardInterrupt:  # before a subcommand could handle it (e.g. while importing torch)
+        print("interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

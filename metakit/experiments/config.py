@@ -16,10 +16,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-__all__ = ["PRESETS", "ExperimentConfig", "load_config", "read_config_file"]
+__all__ = ["PRESETS", "ExperimentConfig", "differing_keys", "load_config", "read_config_file"]
 
 #: The folder of the Rahimi/XTREME WikiAnn files, relative to the repository root.
-DEFAULT_DATA_DIR = str(Path(__file__).resolve().parents[2] / ".." / "shared" / "data" / "wikiann")
+DEFAULT_DATA_DIR = str((Path(__file__).resolve().parents[2] / ".." / "shared" / "data" / "wikiann").resolve())
 
 #: Keys that choose *which* units to run; everything else changes results and must match on resume.
 SELECTION_KEYS = ("settings", "targets", "seeds")
@@ -178,6 +178,25 @@ PRESETS: dict[str, dict[str, Any]] = {
         "threads": 1,
     },
 }
+
+
+def _same(key: str, a: Any, b: Any) -> bool:
+    if key == "data_dir" and a is not None and b is not None:
+        # The same folder reached from two checkouts ("main/../shared", "wt/../shared") is the same data.
+        return Path(a).resolve() == Path(b).resolve()
+    return a == b
+
+
+def differing_keys(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """Keys that change results (not the selection) and differ between a saved config and ``current``.
+
+    A key missing from ``saved`` (a folder written before the key existed) counts as its default.
+    """
+    defaults = ExperimentConfig().to_dict()
+    keys = (set(saved) | set(current)) - set(SELECTION_KEYS)
+    return sorted(
+        k for k in keys if not _same(k, saved.get(k, defaults.get(k)), current.get(k, defaults.get(k)))
+    )
 
 
 def read_config_file(path: str | os.PathLike) -> dict[str, Any]:

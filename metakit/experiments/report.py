@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import json
 import os
 import platform
@@ -13,10 +14,13 @@ from typing import Any
 from metakit.experiments.settings import SETTINGS
 
 __all__ = [
+    "ResultsFileError",
     "environment",
     "load_predictions",
+    "load_unit_result",
     "markdown_table",
     "meta_priming_comparison",
+    "read_results",
     "render_report",
     "save_predictions",
     "write_json",
@@ -35,6 +39,10 @@ PAPER_F1 = {
 PAPER_LANGS = ["hi", "af", "az", "lt", "et", "nl"]
 
 
+class ResultsFileError(ValueError):
+    """A file of an output folder (``results.json``, a predictions file) is missing or unreadable."""
+
+
 def write_json(path: Path, data: Any) -> None:
     """Write JSON atomically (write a temporary file, then rename)."""
     tmp = path.with_suffix(path.suffix + ".tmp")
@@ -42,31 +50,76 @@ def write_json(path: Path, data: Any) -> None:
     os.replace(tmp, path)
 
 
+def read_results(path: Path) -> dict[str, Any]:
+    """The contents of a ``results.json``; a missing or corrupted file raises one clear error naming it."""
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ResultsFileError(
+            f"{str(path)!r} does not exist; is this an output folder of `metakit ner run`?"
+        ) from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ResultsFileError(f"{str(path)!r} is not readable JSON ({error}).") from None
+    if not isinstance(data, dict) or not isinstance(data.get("units"), list) or "config" not in data:
+        raise ResultsFileError(f"{str(path)!r} is not a results file: it lacks the 'units' list or 'config'.")
+    return data
+
+
 def save_predictions(
     path: Path,
     tokens: Sequence[Sequence[str]],
     gold: Sequence[Sequence[str]],
     predicted: Sequence[Sequence[str]],
+    *,
+    result: dict[str, Any] | None = None,
 ) -> None:
-    """One JSON line per sentence: ``{"tokens", "gold", "predicted"}``."""
+    """Write one JSON line per sentence, ``{"tokens", "gold", "predicted"}``, atomically.
+
+    A ``.gz`` path is gzip-compressed (with a fixed timestamp, so equal predictions give equal bytes).
+    ``result``, when given, goes first as ``{"result": {...}}``: the unit's F1 and its predictions land
+    in one file with one rename, so they can never come from different runs.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", encoding="utf-8") as handle:
-        for t, g, p in zip(tokens, gold, predicted, strict=True):
-            handle.write(
-                json.dumps({"tokens": list(t), "gold": list(g), "predicted": list(p)}, ensure_ascii=False)
-                + "\n"
+    lines = [json.dumps({"result": result}, ensure_ascii=False)] if result is not None else []
+    lines += [
+        json.dumps({"tokens": list(t), "gold": list(g), "predicted": list(p)}, ensure_ascii=False)
+        for t, g, p in zip(tokens, gold, predicted, strict=True)
+    ]
+    data = ("\n".join(lines) + "\n").encode("utf-8")
+    if path.suffix == ".gz":
+        data = gzip.compress(data, mtime=0)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+def _prediction_rows(path: Path) -> list[dict[str, Any]]:
+    try:
+        raw = Path(path).read_bytes()
+        text = (gzip.decompress(raw) if path.suffix == ".gz" else raw).decode("utf-8")
+        rows = [json.loads(line) for line in text.splitlines() if line.strip()]
+    except FileNotFoundError:
+        raise ResultsFileError(f"Predictions file {str(path)!r} does not exist.") from None
+    except (OSError, EOFError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ResultsFileError(f"Predictions file {str(path)!r} is corrupted ({error}).") from None
+    for number, row in enumerate(rows, 1):
+        if not isinstance(row, dict) or not ("result" in row or {"gold", "predicted"} <= set(row)):
+            raise ResultsFileError(
+                f"Predictions file {str(path)!r}, line {number}: expected 'gold' and 'predicted' tags."
             )
+    return rows
 
 
 def load_predictions(path: Path) -> tuple[list[list[str]], list[list[str]]]:
-    """``(gold, predicted)`` tag sequences from a :func:`save_predictions` file."""
-    gold, predicted = [], []
-    with open(path, encoding="utf-8") as handle:
-        for line in handle:
-            row = json.loads(line)
-            gold.append(row["gold"])
-            predicted.append(row["predicted"])
-    return gold, predicted
+    """``(gold, predicted)`` tag sequences from a :func:`save_predictions` file (``.jsonl`` or ``.jsonl.gz``)."""
+    rows = [row for row in _prediction_rows(path) if "result" not in row]
+    return [row["gold"] for row in rows], [row["predicted"] for row in rows]
+
+
+def load_unit_result(path: Path) -> dict[str, Any] | None:
+    """The unit result stored at the head of a predictions file, or ``None`` if it has none."""
+    rows = _prediction_rows(path)
+    return rows[0]["result"] if rows and "result" in rows[0] else None
 
 
 def environment() -> dict[str, Any]:
