@@ -15,6 +15,7 @@ from metakit.experiments.settings import SETTINGS
 
 __all__ = [
     "ResultsFileError",
+    "adaptation_table",
     "environment",
     "load_predictions",
     "load_unit_result",
@@ -211,6 +212,33 @@ def meta_priming_comparison(units: Sequence[dict], targets: Sequence[str]) -> st
     return "\n".join(lines) + "\n"
 
 
+def adaptation_table(priming: dict[str, dict[str, Any]]) -> str:
+    """Per meta-priming run: mean query loss before and after the inner loop, and the gain (pre − post).
+
+    A gain near zero means the inner loop hardly adapts, and priming is then, to first order, plain
+    multi-task training. Runs recorded before the gain was measured show "–".
+    """
+    lines = [
+        "| priming run | query loss before adaptation | after | gain | relative gain |",
+        "|---|---|---|---|---|",
+    ]
+    for key, info in priming.items():
+        number = int(key.split("-")[0][1:])
+        if SETTINGS[number].priming == "finetune":
+            continue  # no inner loop
+        if "adaptation_gain" in info:
+            cells = [
+                f"{info['pre_query_loss']:.4f}",
+                f"{info['post_query_loss']:.4f}",
+                f"{info['adaptation_gain']:+.4f}",
+                f"{100 * info['relative_adaptation_gain']:+.1f}%",
+            ]
+        else:
+            cells = ["–"] * 4
+        lines.append(f"| {key} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def _describe(env: dict[str, Any]) -> str:
     return (
         f"{env['processor']}, {env['cpu_count']} CPUs ({env['torch_threads']} torch threads), {env['platform']}; "
@@ -233,6 +261,14 @@ def render_report(results: dict[str, Any]) -> str:
         "Difference of mean F1 × 100 over the seeds both settings finished.\n",
         meta_priming_comparison(units, targets),
     ]
+    if any(SETTINGS[int(k.split("-")[0][1:])].priming != "finetune" for k in results.get("priming", {})):
+        parts += [
+            "### Does the inner loop adapt?\n",
+            "Mean over the priming steps of the query loss with the current parameters (before the inner "
+            "loop) and with the adapted ones (after it); gain = before − after. Near zero, meta priming is "
+            "just multi-task training.\n",
+            adaptation_table(results["priming"]),
+        ]
     cut = {k: v["truncated"] for k, v in results.get("truncated", {}).items() if v["truncated"]}
     parts.append(
         f"Sentences truncated to {config['max_length']} sub-words (tagged O past the cut): {cut or 'none'}.\n"
