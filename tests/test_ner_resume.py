@@ -12,13 +12,12 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from test_ner_pipeline import fixture_file
 
 SETTINGS = "4,5"  # meta priming (episode sampler) and fine-tuning priming (shuffled epochs)
 FLAGS = ("--seeds", "0", "--langs", "hi", "--settings", SETTINGS)
-# 30 meta steps, 60 fine-tuning steps; checkpoints that fall mid-epoch (10 batches per epoch).
-KEYS = ("--set", "prime_steps=30", "--set", "checkpoint_every=7")
+# 16 meta steps, 32 fine-tuning steps; checkpoints that fall mid-epoch (10 batches per epoch).
+KEYS = ("--set", "prime_steps=16", "--set", "checkpoint_every=5")
 
 
 @pytest.fixture(scope="module")

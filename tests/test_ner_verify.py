@@ -10,12 +10,12 @@ import sys
 from pathlib import Path
 
 import pytest
+from test_ner_pipeline import cli, data_dir, tiny_run  # noqa: F401 - data_dir is a fixture
 
 from metakit.experiments.lock import FolderLock, FolderLockedError
 from metakit.experiments.report import load_predictions, load_unit_result, save_predictions, write_json
 from metakit.experiments.verify import verify_folder
 from metakit.tasks import entity_f1
-from test_ner_pipeline import cli, data_dir, tiny_run  # noqa: F401 - data_dir is a fixture
 
 COMMITTED = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "priming-cpu"
 
@@ -31,7 +31,7 @@ def test_committed_results_match_their_predictions(capsys):
 
 
 def small_folder(out: Path, f1: float | None = None) -> Path:
-    """An output folder with one unit whose predictions give F1 0.8 (seqeval), reported as ``f1``."""
+    """An output folder with one unit whose predictions give F1 6/7 (seqeval), reported as ``f1``."""
     true_f1 = entity_f1(GOLD, PREDICTED)
     unit = {"setting": 5, "lang": "lt", "seed": 1, "f1": true_f1 if f1 is None else f1, "test_sentences": 3}
     unit["predictions"] = "runs/s5-seed1/predictions-lt.jsonl.gz"
@@ -44,7 +44,7 @@ def test_predictions_file_holds_its_result_and_is_gzip(tmp_path):
     out = small_folder(tmp_path)
     path = out / "runs/s5-seed1/predictions-lt.jsonl.gz"
     assert load_predictions(path) == (GOLD, PREDICTED)
-    assert load_unit_result(path)["f1"] == pytest.approx(0.8)
+    assert load_unit_result(path)["f1"] == pytest.approx(6 / 7)  # 3 of 4 gold entities found, no false one
     assert json.loads(gzip.decompress(path.read_bytes()).decode().splitlines()[1])["gold"] == GOLD[0]
     assert verify_folder(out) == []
 
@@ -56,8 +56,11 @@ def test_verify_fails_loudly_on_a_mismatch(tmp_path, capsys):
     write_json(out / "results.json", results)
     assert cli("verify", str(out)) == 1
     err = capsys.readouterr().err
-    assert "setting 5 lt seed 1: reported F1 0.4485 but seqeval on runs/s5-seed1/predictions-lt.jsonl.gz gives 0.8000" in err
-    assert "was written with F1 0.8" in err
+    assert (
+        "setting 5 lt seed 1: reported F1 0.4485 but seqeval on runs/s5-seed1/predictions-lt.jsonl.gz gives 0.8571"
+        in err
+    )
+    assert "was written with F1 0.857" in err
 
 
 @pytest.mark.parametrize("command", ["verify", "table"])
@@ -80,8 +83,12 @@ def test_corrupted_predictions_name_the_file(tmp_path, capsys):
 def test_a_live_lock_names_its_process_and_a_dead_ones_is_taken_over(tmp_path, capsys, data_dir):  # noqa: F811
     out = tmp_path / "run"
     holder = subprocess.Popen(
-        [sys.executable, "-c", f"from metakit.experiments.lock import FolderLock; FolderLock({str(out)!r}).acquire(); "
-         "print('locked', flush=True); import time; time.sleep(60)"],
+        [
+            sys.executable,
+            "-c",
+            f"from metakit.experiments.lock import FolderLock; lock = FolderLock({str(out)!r}).acquire(); "
+            "print('locked', flush=True); import time; time.sleep(60)",
+        ],
         env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])},
         stdout=subprocess.PIPE,
         text=True,
@@ -111,9 +118,10 @@ def test_corrupted_checkpoints_name_the_file_and_the_fix(data_dir, tmp_path, cap
         (folder / name).write_bytes(b"not a checkpoint")
         assert cli("run", "--out", str(out), "--resume", "--settings", "4") == 2
         err = capsys.readouterr().err.strip()
-        assert len(err.splitlines()) == 1 and "Traceback" not in err
-        assert f"{folder / name}' is corrupted" in err
-        assert "delete it to restart priming s4 seed 0 from the start" in err
+        last = err.splitlines()[-1]  # after the progress bar
+        assert "Traceback" not in err and last.startswith("error: Checkpoint")
+        assert f"{folder / name}' is corrupted" in last
+        assert last.endswith("delete it to restart priming s4 seed 0 from the start.")
 
 
 def test_a_failed_start_leaves_nothing_behind(data_dir, tmp_path, capsys):  # noqa: F811
