@@ -20,7 +20,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from metakit.experiments.config import PRESETS, ExperimentConfig, _check_keys, load_config
+from metakit.experiments.config import PRESET_INFO, PRESETS, ExperimentConfig, _check_keys, load_config
 
 __all__ = ["add_arguments", "run"]
 
@@ -163,7 +163,12 @@ def run(args: argparse.Namespace) -> int:
     """Dispatch ``metakit ner ACTION``; returns the exit status."""
     if args.ner_command == "presets":
         for name, keys in PRESETS.items():
-            print(f"{name}: {json.dumps(keys)}")
+            info = PRESET_INFO[name]
+            print(
+                f"{name}\n  purpose: {info['purpose']}\n  size:    {info['size']}\n  time:    {info['time']}"
+            )
+            print("  keys:    " + ", ".join(f"{k}={json.dumps(v)}" for k, v in keys.items()) + "\n")
+        print("Use one with `metakit ner run --preset NAME --out DIR`; override keys with --set KEY=VALUE.")
         return 0
     if args.ner_command == "verify":
         from metakit.experiments.report import ResultsFileError

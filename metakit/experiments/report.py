@@ -147,12 +147,17 @@ def environment() -> dict[str, Any]:
     }
 
 
-def _cell(values: Sequence[float]) -> str:
+def _cell(values: Sequence[float], degenerate: bool = False) -> str:
     if not values:
         return "–"
     mean = 100 * statistics.fmean(values)
-    std = 100 * statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{mean:.2f} ± {std:.2f}" + (f" (n={len(values)})" if len(values) == 1 else "")
+    spread = f"± {100 * statistics.stdev(values):.2f}" if len(values) > 1 else "± –"  # one seed: no std
+    return f"{mean:.2f} {spread}" + (" ‡" if degenerate else "")
+
+
+def _degenerate(unit: dict) -> bool:
+    """An all-O unit: the tagger predicted no entity at all, so its F1 of 0 says nothing about the setting."""
+    return bool(unit.get("all_o"))
 
 
 def markdown_table(units: Sequence[dict], targets: Sequence[str], title: str = "") -> str:
@@ -169,7 +174,13 @@ def markdown_table(units: Sequence[dict], targets: Sequence[str], title: str = "
         if not rows:
             continue
         share = statistics.fmean(u["fraction_updated"] for u in rows)
-        cells = [_cell([u["f1"] for u in rows if u["lang"] == lang]) for lang in targets]
+        cells = [
+            _cell(
+                [u["f1"] for u in rows if u["lang"] == lang],
+                degenerate=any(_degenerate(u) for u in rows if u["lang"] == lang),
+            )
+            for lang in targets
+        ]
         seeds = sorted({u["seed"] for u in rows})
         per_seed = [[u["f1"] for u in rows if u["seed"] == s and u["lang"] in targets] for s in seeds]
         complete = [statistics.fmean(v) for v in per_seed if len(v) == len(targets)]
@@ -179,9 +190,17 @@ def markdown_table(units: Sequence[dict], targets: Sequence[str], title: str = "
         lines.append("| " + " | ".join(row) + " |")
     lines.append("")
     lines.append(
-        "Entity-level micro F1 × 100 (seqeval), mean ± std over seeds; `avg` over the listed targets, for seeds "
-        "that finished all of them; `% params` = share of the model's parameters updated in target fine-tuning."
+        "Entity-level micro F1 × 100 (seqeval), mean ± std over seeds (`± –`: one seed); `avg` over the listed "
+        "targets, for seeds that finished all of them; `% params` = share of the model's parameters updated in "
+        "target fine-tuning."
     )
+    flagged = sorted(f"s{u['setting']} {u['lang']} seed {u['seed']}" for u in units if _degenerate(u))
+    if flagged:
+        lines.append("")
+        lines.append(
+            f"‡ degenerate: every prediction is O (no entity found) in {len(flagged)} unit(s): "
+            f"{', '.join(flagged)}. Their F1 of 0 is a training failure, not a measurement of the setting."
+        )
     return "\n".join(lines).lstrip("\n") + "\n"
 
 

@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 from metakit.experiments.config import ExperimentConfig, differing_keys
 from metakit.experiments.finetune import finetune, predict, sentence_features
 from metakit.experiments.lock import FolderLock
-from metakit.experiments.model import Backbone, fraction, trainable_state
+from metakit.experiments.model import Backbone, check_model, fraction, trainable_state
 from metakit.experiments.priming import load_checkpoint, prime
 from metakit.experiments.report import (
     ResultsFileError,
@@ -82,7 +82,7 @@ class Experiment:
         self.config, self.out = config, Path(out_dir)
         self.results_path = self.out / "results.json"
         self.activity = "starting"
-        self._check_data()  # before anything is written, so a failed start leaves no folder behind
+        self._check_inputs()  # before anything is written, so a failed start leaves no folder behind
         self.lock = FolderLock(self.out)
         created = not self.out.exists()
         self.lock.acquire()
@@ -106,8 +106,9 @@ class Experiment:
         self.close()
 
     # -- the output folder -------------------------------------------------------------------------
-    def _check_data(self) -> None:
+    def _check_inputs(self) -> None:
         c = self.config
+        check_model(c.model)
         if c.data_dir is None:
             return
         for lang in c.sources:
@@ -336,6 +337,7 @@ class Experiment:
             "fraction_updated": fraction(tagger, tuned),
             "ft_steps": info["steps"],
             "ft_final_loss": info["final_loss"],
+            "all_o": all(tag == "O" for sentence in predicted for tag in sentence),
             "seconds": time.perf_counter() - began,
             "predictions": path.relative_to(self.out).as_posix(),
         }
