@@ -222,6 +222,7 @@ class Experiment:
             tqdm.write(f"All {len(units)} units are finished in {self.out}.")
             self._save()
             return self.results
+        self.activity = "loading the data and the model"
         self._load_data()
         self._pristine: dict[tuple[str, str], list[torch.Tensor]] = {}
         with tqdm(total=len(units), initial=len(units) - len(todo), desc="units", unit="unit") as bar:
