@@ -241,8 +241,13 @@ def adaptation_table(priming: dict[str, dict[str, Any]]) -> str:
         "| priming run | query loss before adaptation | after | gain | relative gain |",
         "|---|---|---|---|---|",
     ]
-    for key, info in priming.items():
-        number = int(key.split("-")[0][1:])
+
+    def order(key: str) -> tuple[int, int]:
+        setting, seed = key.split("-seed")
+        return int(setting[1:]), int(seed)
+
+    for key, info in sorted(priming.items(), key=lambda item: order(item[0])):
+        number = order(key)[0]
         if SETTINGS[number].priming == "finetune":
             continue  # no inner loop
         if "adaptation_gain" in info:
