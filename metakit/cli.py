@@ -19,8 +19,10 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
         prog="metakit", description="Higher-order-gradient meta-learning toolkit."
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    parser.subcommand_parsers = {}
     for name, (module_name, help_text) in SUBCOMMANDS.items():
         sub = commands.add_parser(name, help=help_text, description=help_text)
+        parser.subcommand_parsers[name] = sub
         if name == command:
             module = importlib.import_module(module_name)
             module.add_arguments(sub)
@@ -31,8 +33,15 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     command = next((arg for arg in argv if not arg.startswith("-")), None)
-    args = build_parser(command if command in SUBCOMMANDS else None).parse_args(argv)
-    return int(args._run(args) or 0)
+    try:
+        parser = build_parser(command if command in SUBCOMMANDS else None)
+        args, unknown = parser.parse_known_args(argv)
+        if unknown:  # name them under the subcommand's usage, not the top-level one
+            parser.subcommand_parsers[args.command].error(f"unrecognized arguments: {' '.join(unknown)}")
+        return int(args._run(args) or 0)
+    except KeyboardInterrupt:  # before a subcommand could handle it (e.g. while importing torch)
+        print("interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

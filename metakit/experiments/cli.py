@@ -5,6 +5,8 @@ Usage::
     metakit ner run --preset cpu --out benchmarks/results/priming-cpu            # all 7 settings × 6 targets × 3 seeds
     metakit ner run --preset cpu-quick --settings 1,3,4 --out runs/quick         # a few minutes
     metakit ner run --config exp.yaml --langs hi,af --seeds 0 --out runs/x --resume
+    metakit ner run --out runs/x --resume                                        # continue: reads runs/x/config.json
+    metakit ner verify runs/x                                                    # recompute every F1 from predictions
     metakit ner table runs/x --write                                             # re-render a folder's table
     metakit ner presets                                                          # list presets and their keys
 """
@@ -13,11 +15,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
 from pathlib import Path
 from typing import Any
 
-from metakit.experiments.config import PRESETS, load_config
+from metakit.experiments.config import PRESET_INFO, PRESETS, ExperimentConfig, _check_keys, load_config
 
 __all__ = ["add_arguments", "run"]
 
@@ -63,11 +66,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     run_parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="any config key")
     run_parser.add_argument("--out", required=True, help="output folder")
     run_parser.add_argument(
-        "--resume", action="store_true", help="continue a folder; finished units are skipped"
+        "--resume",
+        action="store_true",
+        help="continue a folder with its saved config (no need to repeat --preset or flags); finished "
+        "units are skipped",
     )
     table_parser = commands.add_parser("table", help="render the markdown table of an output folder")
     table_parser.add_argument("out")
     table_parser.add_argument("--write", action="store_true", help="also rewrite OUT/table.md")
+    verify_parser = commands.add_parser(
+        "verify", help="recompute every reported F1 from its predictions; exit 1 on a mismatch"
+    )
+    verify_parser.add_argument("out")
     commands.add_parser("presets", help="list the presets")
 
 
@@ -91,31 +101,102 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
     return keys
 
 
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM, raised like Ctrl-C so the same clean-up and message apply."""
+
+
+def _on_sigterm(signum, frame) -> None:
+    raise _Terminated
+
+
+def _config(args: argparse.Namespace) -> ExperimentConfig:
+    """The run's config; ``--resume`` without ``--preset``/``--config`` starts from the folder's saved one."""
+    from metakit.experiments.runner import saved_config
+
+    overrides = _overrides(args)
+    saved = saved_config(args.out) if args.resume and not (args.preset or args.config) else None
+    if saved is None:
+        return load_config(args.preset, args.config, overrides)
+    _check_keys(overrides, "the command-line overrides")
+    known = {k: v for k, v in saved.items() if k in ExperimentConfig.__dataclass_fields__}
+    return ExperimentConfig(**{**known, **overrides})
+
+
+def _run_experiment(args: argparse.Namespace) -> int:
+    from metakit.experiments.lock import FolderLockedError
+    from metakit.experiments.priming import CheckpointError
+    from metakit.experiments.report import ResultsFileError
+    from metakit.experiments.runner import Experiment
+
+    experiment = None
+    previous = signal.signal(signal.SIGTERM, _on_sigterm)
+    try:
+        experiment = Experiment(_config(args), args.out, resume=args.resume)
+        experiment.run()
+    except KeyboardInterrupt as interrupt:
+        where = experiment.progress() if experiment is not None else "starting"
+        print(
+            f"interrupted after {where}; continue with `metakit ner run --out {args.out} --resume`",
+            file=sys.stderr,
+        )
+        return 143 if isinstance(interrupt, _Terminated) else 130
+    except (
+        ValueError,
+        FileNotFoundError,
+        FileExistsError,
+        ImportError,
+        FolderLockedError,
+        CheckpointError,
+        ResultsFileError,
+    ) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        if experiment is not None:
+            experiment.close()
+    print((Path(args.out) / "table.md").read_text(encoding="utf-8"))
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
     """Dispatch ``metakit ner ACTION``; returns the exit status."""
     if args.ner_command == "presets":
         for name, keys in PRESETS.items():
-            print(f"{name}: {json.dumps(keys)}")
+            info = PRESET_INFO[name]
+            print(
+                f"{name}\n  purpose: {info['purpose']}\n  size:    {info['size']}\n  time:    {info['time']}"
+            )
+            print("  keys:    " + ", ".join(f"{k}={json.dumps(v)}" for k, v in keys.items()) + "\n")
+        print("Use one with `metakit ner run --preset NAME --out DIR`; override keys with --set KEY=VALUE.")
+        return 0
+    if args.ner_command == "verify":
+        from metakit.experiments.report import ResultsFileError
+        from metakit.experiments.verify import verify_folder
+
+        try:
+            problems = verify_folder(args.out)
+        except ResultsFileError as error:
+            print(f"error: {error}", file=sys.stderr)
+            return 2
+        for line in problems:
+            print(f"MISMATCH {line}", file=sys.stderr)
+        if problems:
+            print(f"verify: {len(problems)} problem(s) in {args.out}", file=sys.stderr)
+            return 1
+        units = len(json.loads((Path(args.out) / "results.json").read_text(encoding="utf-8"))["units"])
+        print(f"verify: all {units} units of {args.out} match seqeval's F1 of their predictions")
         return 0
     if args.ner_command == "table":
-        from metakit.experiments.report import render_report
+        from metakit.experiments.report import ResultsFileError, read_results, render_report
 
-        path = Path(args.out) / "results.json"
-        if not path.is_file():
-            print(f"error: no results.json in {args.out!r}", file=sys.stderr)
+        try:
+            report = render_report(read_results(Path(args.out) / "results.json"))
+        except ResultsFileError as error:
+            print(f"error: {error}", file=sys.stderr)
             return 2
-        report = render_report(json.loads(path.read_text(encoding="utf-8")))
         if args.write:
             (Path(args.out) / "table.md").write_text(report, encoding="utf-8")
         print(report)
         return 0
-    from metakit.experiments.runner import Experiment
-
-    try:
-        config = load_config(args.preset, args.config, _overrides(args))
-        Experiment(config, args.out, resume=args.resume).run()
-    except (ValueError, FileNotFoundError, FileExistsError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    print((Path(args.out) / "table.md").read_text(encoding="utf-8"))
-    return 0
+    return _run_experiment(args)

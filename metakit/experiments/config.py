@@ -11,15 +11,16 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-__all__ = ["PRESETS", "ExperimentConfig", "load_config", "read_config_file"]
+__all__ = ["PRESETS", "PRESET_INFO", "ExperimentConfig", "differing_keys", "load_config", "read_config_file"]
 
 #: The folder of the Rahimi/XTREME WikiAnn files, relative to the repository root.
-DEFAULT_DATA_DIR = str(Path(__file__).resolve().parents[2] / ".." / "shared" / "data" / "wikiann")
+DEFAULT_DATA_DIR = str((Path(__file__).resolve().parents[2] / ".." / "shared" / "data" / "wikiann").resolve())
 
 #: Keys that choose *which* units to run; everything else changes results and must match on resume.
 SELECTION_KEYS = ("settings", "targets", "seeds")
@@ -83,21 +84,38 @@ class ExperimentConfig:
     def __post_init__(self) -> None:
         from metakit.experiments.settings import SETTINGS
 
+        for spec in dataclasses.fields(self):
+            _check_type(spec.name, spec.type, getattr(self, spec.name))
         bad = [s for s in self.settings if s not in SETTINGS]
         if bad:
             raise ValueError(f"Unknown settings {bad}; the experiment has settings {sorted(SETTINGS)}.")
-        for name in (
+        at_least_one = (
             "prime_steps",
             "support_size",
             "query_size",
             "inner_steps",
             "ft_batch_size",
+            "prime_batch_size",
+            "eval_batch_size",
+            "checkpoint_every",
             "max_length",
-        ):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}.")
-        if not self.targets or not self.seeds or not self.settings:
-            raise ValueError("settings, targets and seeds must each name at least one value.")
+            "bottleneck",
+            "source_sentences",
+            "target_sentences",
+            "test_sentences",
+        )
+        for name in at_least_one:
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"{name} must be >= 1, got {value}.")
+        for name in ("ft_epochs", "ft_epochs_full", "prime_lr", "inner_lr", "ft_lr_full", "ft_lr_pe"):
+            value = getattr(self, name)
+            if value is not None and not (value > 0 and math.isfinite(value)):
+                raise ValueError(f"{name} must be a positive number, got {value}.")
+        if self.threads < 0:
+            raise ValueError(f"threads must be >= 0 (0: torch's default), got {self.threads}.")
+        if not self.targets or not self.seeds or not self.settings or not self.sources:
+            raise ValueError("settings, targets, sources and seeds must each name at least one value.")
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict of every key."""
@@ -107,6 +125,32 @@ class ExperimentConfig:
         """Hash of every key that changes results (not the selection of settings, targets and seeds)."""
         keys = {k: v for k, v in self.to_dict().items() if k not in SELECTION_KEYS}
         return hashlib.sha256(json.dumps(keys, sort_keys=True).encode()).hexdigest()[:16]
+
+
+_SCALARS = {"int": int, "float": (int, float), "str": str, "bool": bool}
+
+
+def _check_type(name: str, annotation: str, value: Any) -> None:
+    """Raise a ``ValueError`` naming the key unless ``value`` fits ``annotation`` (e.g. ``"list[int]"``)."""
+    kinds = [part.strip() for part in annotation.split("|")]
+    if value is None and "None" in kinds:
+        return
+    kind = next(k for k in kinds if k != "None")
+    example = {"list[str]": '["hi", "af"]', "list[int]": "[0, 1]"}.get(kind)
+    if kind.startswith("list["):
+        item = _SCALARS[kind[5:-1]]
+        ok = isinstance(value, list) and all(
+            isinstance(v, item) and not (isinstance(v, bool) and item is int) for v in value
+        )
+        if not ok:
+            raise ValueError(f"{name} must be a list like {name} = {example}, got {value!r}.")
+        return
+    expected = _SCALARS[kind]
+    ok = isinstance(value, expected) and (kind == "bool" or not isinstance(value, bool))
+    if not ok:
+        article = "an" if kind == "int" else "a"
+        word = {"int": "integer", "float": "number", "str": "string", "bool": "true or false"}[kind]
+        raise ValueError(f"{name} must be {article} {word}, got {value!r}.")
 
 
 PRESETS: dict[str, dict[str, Any]] = {
@@ -180,6 +224,50 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
+def _same(key: str, a: Any, b: Any) -> bool:
+    if key == "data_dir" and a is not None and b is not None:
+        # The same folder reached from two checkouts ("main/../shared", "wt/../shared") is the same data.
+        return Path(a).resolve() == Path(b).resolve()
+    return a == b
+
+
+def differing_keys(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """Keys that change results (not the selection) and differ between a saved config and ``current``.
+
+    A key missing from ``saved`` (a folder written before the key existed) counts as its default.
+    """
+    defaults = ExperimentConfig().to_dict()
+    keys = (set(saved) | set(current)) - set(SELECTION_KEYS)
+    return sorted(
+        k for k in keys if not _same(k, saved.get(k, defaults.get(k)), current.get(k, defaults.get(k)))
+    )
+
+
+#: What each preset is for, how big it is and how long it runs: ``metakit ner presets`` prints these.
+PRESET_INFO: dict[str, dict[str, str]] = {
+    "paper": {
+        "purpose": "the paper's hyper-parameters (mBERT from the hub, full data); needs a GPU and the hub",
+        "size": "7 settings x 6 targets x 3 seeds, full WikiAnn splits, 1250 priming steps",
+        "time": "hours on a GPU; impractical on CPU",
+    },
+    "cpu": {
+        "purpose": "the committed result: offline multilingual-e5-small on CPU, sub-sampled data",
+        "size": "7 settings x 6 targets x 3 seeds; 2000 source, 500 train, 300 test sentences; 20 priming steps",
+        "time": "about 95 min on 2 shared CPU cores",
+    },
+    "cpu-quick": {
+        "purpose": "a first look with the real encoder: the cpu preset, smaller",
+        "size": "7 settings x 2 targets (hi, af) x 1 seed; 400/200/100 sentences; 5 priming steps",
+        "time": "a few minutes on 2 CPU cores",
+    },
+    "tiny": {
+        "purpose": "plumbing checks (tests, smoke runs): a random 2-layer BERT, no pretrained weights",
+        "size": "7 settings x 2 targets x 2 seeds; 40/24/16 sentences; 3 priming steps",
+        "time": "under a minute",
+    },
+}
+
+
 def read_config_file(path: str | os.PathLike) -> dict[str, Any]:
     """Keys of a ``.toml`` or ``.yaml``/``.yml`` file (a ``preset`` key names the preset it starts from)."""
     path = Path(path)
@@ -197,12 +285,19 @@ def read_config_file(path: str | os.PathLike) -> dict[str, Any]:
                 ) from error
 
         with open(path, "rb") as handle:
-            data = tomllib.load(handle)
+            try:
+                data = tomllib.load(handle)
+            except tomllib.TOMLDecodeError as error:
+                raise ValueError(f"Config file {str(path)!r} is not valid TOML: {error}.") from None
     elif path.suffix in (".yaml", ".yml"):
         import yaml
 
         with open(path, encoding="utf-8") as handle:
-            data = yaml.safe_load(handle) or {}
+            try:
+                data = yaml.safe_load(handle) or {}
+            except yaml.YAMLError as error:
+                reason = " ".join(str(error).split())
+                raise ValueError(f"Config file {str(path)!r} is not valid YAML: {reason}.") from None
     else:
         raise ValueError(f"Config file {str(path)!r} must end in .toml, .yaml or .yml.")
     if not isinstance(data, dict):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -20,7 +21,7 @@ from metakit.experiments.tagger import Tagger
 from metakit.spec import Spec, everything, nothing, select
 from metakit.tasks.wikiann import WIKIANN_LABELS
 
-__all__ = ["Backbone", "Groups", "fraction", "resolve_model_path", "trainable_state"]
+__all__ = ["Backbone", "Groups", "check_model", "fraction", "resolve_model_path", "trainable_state"]
 
 WORD_EMBEDDINGS = select("*word_embeddings.weight")
 
@@ -37,6 +38,43 @@ def resolve_model_path(name: str) -> str:
             ) from error
         return str(multilingual_e5_small())
     return name
+
+
+def check_model(name: str) -> None:
+    """Fail early, with one line, if ``name`` cannot be loaded: before an output folder is written.
+
+    ``"tiny"`` always works; ``"e5"`` needs the offline encoder's packages (built here if missing); a
+    local folder needs a ``config.json``; anything else must be in the Hugging Face cache or on the hub.
+    """
+    if name == "tiny":
+        return
+    if name == "e5":
+        resolve_model_path(name)
+        return
+    if Path(name).is_dir():
+        if not (Path(name) / "config.json").is_file():
+            raise ValueError(f"--model {name!r} is a folder without a config.json: not a Hugging Face model.")
+        return
+    from transformers import AutoConfig
+
+    try:
+        AutoConfig.from_pretrained(name, local_files_only=True)
+        return
+    except (OSError, ValueError):
+        pass  # not cached: ask the hub once (no retries), below
+    from huggingface_hub import file_exists
+
+    hint = "Pass 'e5' (offline multilingual-e5-small), 'tiny', or a local model folder."
+    try:
+        found = file_exists(name, "config.json")
+    except Exception as error:  # no network, bad name, ...: every failure means the same to the user
+        reason = " ".join(str(error).split())[:200]
+        raise ValueError(
+            f"--model {name!r} is not a local folder, not in the Hugging Face cache, and the hub cannot be "
+            f"asked ({reason}). {hint}"
+        ) from None
+    if not found:
+        raise ValueError(f"--model {name!r}: the Hugging Face hub has no such model. {hint}")
 
 
 @dataclass

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import json
 import os
 import platform
@@ -13,10 +14,14 @@ from typing import Any
 from metakit.experiments.settings import SETTINGS
 
 __all__ = [
+    "ResultsFileError",
+    "adaptation_table",
     "environment",
     "load_predictions",
+    "load_unit_result",
     "markdown_table",
     "meta_priming_comparison",
+    "read_results",
     "render_report",
     "save_predictions",
     "write_json",
@@ -35,6 +40,10 @@ PAPER_F1 = {
 PAPER_LANGS = ["hi", "af", "az", "lt", "et", "nl"]
 
 
+class ResultsFileError(ValueError):
+    """A file of an output folder (``results.json``, a predictions file) is missing or unreadable."""
+
+
 def write_json(path: Path, data: Any) -> None:
     """Write JSON atomically (write a temporary file, then rename)."""
     tmp = path.with_suffix(path.suffix + ".tmp")
@@ -42,31 +51,76 @@ def write_json(path: Path, data: Any) -> None:
     os.replace(tmp, path)
 
 
+def read_results(path: Path) -> dict[str, Any]:
+    """The contents of a ``results.json``; a missing or corrupted file raises one clear error naming it."""
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ResultsFileError(
+            f"{str(path)!r} does not exist; is this an output folder of `metakit ner run`?"
+        ) from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ResultsFileError(f"{str(path)!r} is not readable JSON ({error}).") from None
+    if not isinstance(data, dict) or not isinstance(data.get("units"), list) or "config" not in data:
+        raise ResultsFileError(f"{str(path)!r} is not a results file: it lacks the 'units' list or 'config'.")
+    return data
+
+
 def save_predictions(
     path: Path,
     tokens: Sequence[Sequence[str]],
     gold: Sequence[Sequence[str]],
     predicted: Sequence[Sequence[str]],
+    *,
+    result: dict[str, Any] | None = None,
 ) -> None:
-    """One JSON line per sentence: ``{"tokens", "gold", "predicted"}``."""
+    """Write one JSON line per sentence, ``{"tokens", "gold", "predicted"}``, atomically.
+
+    A ``.gz`` path is gzip-compressed (with a fixed timestamp, so equal predictions give equal bytes).
+    ``result``, when given, goes first as ``{"result": {...}}``: the unit's F1 and its predictions land
+    in one file with one rename, so they can never come from different runs.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", encoding="utf-8") as handle:
-        for t, g, p in zip(tokens, gold, predicted, strict=True):
-            handle.write(
-                json.dumps({"tokens": list(t), "gold": list(g), "predicted": list(p)}, ensure_ascii=False)
-                + "\n"
+    lines = [json.dumps({"result": result}, ensure_ascii=False)] if result is not None else []
+    lines += [
+        json.dumps({"tokens": list(t), "gold": list(g), "predicted": list(p)}, ensure_ascii=False)
+        for t, g, p in zip(tokens, gold, predicted, strict=True)
+    ]
+    data = ("\n".join(lines) + "\n").encode("utf-8")
+    if path.suffix == ".gz":
+        data = gzip.compress(data, mtime=0)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+def _prediction_rows(path: Path) -> list[dict[str, Any]]:
+    try:
+        raw = Path(path).read_bytes()
+        text = (gzip.decompress(raw) if path.suffix == ".gz" else raw).decode("utf-8")
+        rows = [json.loads(line) for line in text.splitlines() if line.strip()]
+    except FileNotFoundError:
+        raise ResultsFileError(f"Predictions file {str(path)!r} does not exist.") from None
+    except (OSError, EOFError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ResultsFileError(f"Predictions file {str(path)!r} is corrupted ({error}).") from None
+    for number, row in enumerate(rows, 1):
+        if not isinstance(row, dict) or not ("result" in row or {"gold", "predicted"} <= set(row)):
+            raise ResultsFileError(
+                f"Predictions file {str(path)!r}, line {number}: expected 'gold' and 'predicted' tags."
             )
+    return rows
 
 
 def load_predictions(path: Path) -> tuple[list[list[str]], list[list[str]]]:
-    """``(gold, predicted)`` tag sequences from a :func:`save_predictions` file."""
-    gold, predicted = [], []
-    with open(path, encoding="utf-8") as handle:
-        for line in handle:
-            row = json.loads(line)
-            gold.append(row["gold"])
-            predicted.append(row["predicted"])
-    return gold, predicted
+    """``(gold, predicted)`` tag sequences from a :func:`save_predictions` file (``.jsonl`` or ``.jsonl.gz``)."""
+    rows = [row for row in _prediction_rows(path) if "result" not in row]
+    return [row["gold"] for row in rows], [row["predicted"] for row in rows]
+
+
+def load_unit_result(path: Path) -> dict[str, Any] | None:
+    """The unit result stored at the head of a predictions file, or ``None`` if it has none."""
+    rows = _prediction_rows(path)
+    return rows[0]["result"] if rows and "result" in rows[0] else None
 
 
 def environment() -> dict[str, Any]:
@@ -93,12 +147,17 @@ def environment() -> dict[str, Any]:
     }
 
 
-def _cell(values: Sequence[float]) -> str:
+def _cell(values: Sequence[float], degenerate: bool = False) -> str:
     if not values:
         return "–"
     mean = 100 * statistics.fmean(values)
-    std = 100 * statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{mean:.2f} ± {std:.2f}" + (f" (n={len(values)})" if len(values) == 1 else "")
+    spread = f"± {100 * statistics.stdev(values):.2f}" if len(values) > 1 else "± –"  # one seed: no std
+    return f"{mean:.2f} {spread}" + (" ‡" if degenerate else "")
+
+
+def _degenerate(unit: dict) -> bool:
+    """An all-O unit: the tagger predicted no entity at all, so its F1 of 0 says nothing about the setting."""
+    return bool(unit.get("all_o"))
 
 
 def markdown_table(units: Sequence[dict], targets: Sequence[str], title: str = "") -> str:
@@ -115,7 +174,13 @@ def markdown_table(units: Sequence[dict], targets: Sequence[str], title: str = "
         if not rows:
             continue
         share = statistics.fmean(u["fraction_updated"] for u in rows)
-        cells = [_cell([u["f1"] for u in rows if u["lang"] == lang]) for lang in targets]
+        cells = [
+            _cell(
+                [u["f1"] for u in rows if u["lang"] == lang],
+                degenerate=any(_degenerate(u) for u in rows if u["lang"] == lang),
+            )
+            for lang in targets
+        ]
         seeds = sorted({u["seed"] for u in rows})
         per_seed = [[u["f1"] for u in rows if u["seed"] == s and u["lang"] in targets] for s in seeds]
         complete = [statistics.fmean(v) for v in per_seed if len(v) == len(targets)]
@@ -125,9 +190,17 @@ def markdown_table(units: Sequence[dict], targets: Sequence[str], title: str = "
         lines.append("| " + " | ".join(row) + " |")
     lines.append("")
     lines.append(
-        "Entity-level micro F1 × 100 (seqeval), mean ± std over seeds; `avg` over the listed targets, for seeds "
-        "that finished all of them; `% params` = share of the model's parameters updated in target fine-tuning."
+        "Entity-level micro F1 × 100 (seqeval), mean ± std over seeds (`± –`: one seed); `avg` over the listed "
+        "targets, for seeds that finished all of them; `% params` = share of the model's parameters updated in "
+        "target fine-tuning."
     )
+    flagged = sorted(f"s{u['setting']} {u['lang']} seed {u['seed']}" for u in units if _degenerate(u))
+    if flagged:
+        lines.append("")
+        lines.append(
+            f"‡ degenerate: every prediction is O (no entity found) in {len(flagged)} unit(s): "
+            f"{', '.join(flagged)}. Their F1 of 0 is a training failure, not a measurement of the setting."
+        )
     return "\n".join(lines).lstrip("\n") + "\n"
 
 
@@ -158,6 +231,38 @@ def meta_priming_comparison(units: Sequence[dict], targets: Sequence[str]) -> st
     return "\n".join(lines) + "\n"
 
 
+def adaptation_table(priming: dict[str, dict[str, Any]]) -> str:
+    """Per meta-priming run: mean query loss before and after the inner loop, and the gain (pre − post).
+
+    A gain near zero means the inner loop hardly adapts, and priming is then, to first order, plain
+    multi-task training. Runs recorded before the gain was measured show "–".
+    """
+    lines = [
+        "| priming run | query loss before adaptation | after | gain | relative gain |",
+        "|---|---|---|---|---|",
+    ]
+
+    def order(key: str) -> tuple[int, int]:
+        setting, seed = key.split("-seed")
+        return int(setting[1:]), int(seed)
+
+    for key, info in sorted(priming.items(), key=lambda item: order(item[0])):
+        number = order(key)[0]
+        if SETTINGS[number].priming == "finetune":
+            continue  # no inner loop
+        if "adaptation_gain" in info:
+            cells = [
+                f"{info['pre_query_loss']:.4f}",
+                f"{info['post_query_loss']:.4f}",
+                f"{info['adaptation_gain']:+.4f}",
+                f"{100 * info['relative_adaptation_gain']:+.1f}%",
+            ]
+        else:
+            cells = ["–"] * 4
+        lines.append(f"| {key} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def _describe(env: dict[str, Any]) -> str:
     return (
         f"{env['processor']}, {env['cpu_count']} CPUs ({env['torch_threads']} torch threads), {env['platform']}; "
@@ -180,6 +285,14 @@ def render_report(results: dict[str, Any]) -> str:
         "Difference of mean F1 × 100 over the seeds both settings finished.\n",
         meta_priming_comparison(units, targets),
     ]
+    if any(SETTINGS[int(k.split("-")[0][1:])].priming != "finetune" for k in results.get("priming", {})):
+        parts += [
+            "### Does the inner loop adapt?\n",
+            "Mean over the priming steps of the query loss with the current parameters (before the inner "
+            "loop) and with the adapted ones (after it); gain = before − after. Near zero, meta priming is "
+            "just multi-task training.\n",
+            adaptation_table(results["priming"]),
+        ]
     cut = {k: v["truncated"] for k, v in results.get("truncated", {}).items() if v["truncated"]}
     parts.append(
         f"Sentences truncated to {config['max_length']} sub-words (tagged O past the cut): {cut or 'none'}.\n"

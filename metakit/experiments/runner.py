@@ -5,11 +5,16 @@ Layout of the output folder::
     config.json          the full config and its fingerprint (a resumed run must match it)
     results.json         every finished unit (F1, timings, share of parameters updated), priming runs
     table.md             the paper's Table 1 shape, rewritten after every unit
-    runs/s{N}-seed{S}/predictions-{lang}.jsonl
+    runs/s{N}-seed{S}/predictions-{lang}.jsonl.gz   the unit's result, then its predictions
+    .lock                held (``flock``) by the process writing the folder
     tensorboard/         prime-s{N}-seed{S} (inner losses), ft-s{N}-{lang}-seed{S} (fine-tuning loss)
     checkpoints/         priming checkpoints and primed weights (git-ignored, large)
 
 Priming runs once per (setting, seed) and is shared by every target language.
+
+One process writes a folder at a time (:class:`~metakit.experiments.lock.FolderLock`). A unit's
+result and predictions are written together in one file with one rename, and only then added to
+``results.json``; ``metakit ner verify`` recomputes every F1 from those files.
 """
 
 from __future__ import annotations
@@ -24,12 +29,15 @@ from datasets import Dataset
 from torch.utils.tensorboard import SummaryWriter
 from tqdm.auto import tqdm
 
-from metakit.experiments.config import SELECTION_KEYS, ExperimentConfig
+from metakit.experiments.config import ExperimentConfig, differing_keys
 from metakit.experiments.finetune import finetune, predict, sentence_features
-from metakit.experiments.model import Backbone, fraction, trainable_state
-from metakit.experiments.priming import prime
+from metakit.experiments.lock import FolderLock
+from metakit.experiments.model import Backbone, check_model, fraction, trainable_state
+from metakit.experiments.priming import load_checkpoint, prime
 from metakit.experiments.report import (
+    ResultsFileError,
     environment,
+    read_results,
     render_report,
     save_predictions,
     write_json,
@@ -37,63 +45,117 @@ from metakit.experiments.report import (
 from metakit.experiments.settings import SETTINGS, Setting
 from metakit.tasks.metrics import entity_f1
 from metakit.tasks.ner import encode_ner, make_collator, model_inputs, truncated_count
-from metakit.tasks.wikiann import WIKIANN_LABELS, load_wikiann
+from metakit.tasks.wikiann import WIKIANN_LABELS, load_wikiann, wikiann_path
 
-__all__ = ["Experiment"]
+__all__ = ["Experiment", "saved_config"]
 
 #: Data sub-samples use this seed for every run seed, so seeds differ in initialisation and order only.
 DATA_SEED = 0
-_IGNORED = "checkpoints/\ntensorboard/\n*.tmp\n"
+_IGNORED = "checkpoints/\ntensorboard/\n*.tmp\n.lock\n"
+
+
+def saved_config(out_dir: str | Path) -> dict[str, Any] | None:
+    """The config keys an output folder was run with (its ``config.json``), or ``None`` if it has none."""
+    path = Path(out_dir) / "config.json"
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))["config"]
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as error:
+        raise ResultsFileError(f"{str(path)!r} is not a readable experiment config ({error}).") from None
 
 
 class Experiment:
-    """The priming experiment on one output folder.
+    """The priming experiment on one output folder, which it locks until :meth:`close`.
 
     Args:
         config: what to run.
         out_dir: where results, predictions, logs and checkpoints go.
-        resume: continue a folder that already holds results (same config fingerprint required).
+        resume: continue a folder that already holds results (every key that changes results must match).
 
     Example:
-        >>> Experiment(load_config("tiny"), "runs/tiny").run()  # doctest: +SKIP
+        >>> with Experiment(load_config("tiny"), "runs/tiny") as experiment:  # doctest: +SKIP
+        ...     experiment.run()
     """
 
     def __init__(self, config: ExperimentConfig, out_dir: str | Path, resume: bool = False):
         self.config, self.out = config, Path(out_dir)
         self.results_path = self.out / "results.json"
-        self.results = self._open(resume)
+        self.activity = "starting"
+        self._check_inputs()  # before anything is written, so a failed start leaves no folder behind
+        self.lock = FolderLock(self.out)
+        created = not self.out.exists()
+        self.lock.acquire()
+        try:
+            self.results = self._open(resume)
+        except BaseException:
+            self.close()
+            if created:  # nothing of ours is in it but the lock file
+                (self.out / ".lock").unlink(missing_ok=True)
+                self.out.rmdir()
+            raise
+
+    def close(self) -> None:
+        """Release the output folder."""
+        self.lock.release()
+
+    def __enter__(self) -> Experiment:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     # -- the output folder -------------------------------------------------------------------------
+    def _check_inputs(self) -> None:
+        c = self.config
+        check_model(c.model)
+        if c.data_dir is None:
+            return
+        for lang in c.sources:
+            wikiann_path(c.data_dir, lang, "train")
+        for lang in c.targets:
+            wikiann_path(c.data_dir, lang, "train")
+            wikiann_path(c.data_dir, lang, "test")
+
     def _open(self, resume: bool) -> dict[str, Any]:
         config_path = self.out / "config.json"
+        results: dict[str, Any] = {"units": [], "priming": {}, "elapsed_seconds": 0.0}
         if config_path.is_file():
             if not resume:
                 raise FileExistsError(
                     f"{str(self.out)!r} already holds an experiment; pass --resume to continue it or choose "
                     "another --out."
                 )
-            saved = json.loads(config_path.read_text(encoding="utf-8"))
-            if saved["fingerprint"] != self.config.fingerprint():
-                mine = self.config.to_dict()
-                changed = sorted(
-                    k for k, v in saved["config"].items() if k not in SELECTION_KEYS and mine.get(k) != v
-                )
+            changed = differing_keys(saved_config(self.out), self.config.to_dict())
+            if changed:
                 raise ValueError(
                     f"Cannot resume {str(self.out)!r}: it was run with a different config (keys that differ: "
                     f"{changed}). Use the same preset, file and flags, or another --out."
                 )
             if self.results_path.is_file():
-                return json.loads(self.results_path.read_text(encoding="utf-8"))
+                results = read_results(self.results_path)
         self.out.mkdir(parents=True, exist_ok=True)
         (self.out / ".gitignore").write_text(_IGNORED, encoding="utf-8")
+        # The selection (settings, targets, seeds) is the latest run's, so `--resume` alone continues it.
         write_json(config_path, {"fingerprint": self.config.fingerprint(), "config": self.config.to_dict()})
-        return {"units": [], "priming": {}, "elapsed_seconds": 0.0}
+        return results
 
     def done(self, setting: int, lang: str, seed: int) -> bool:
         """Whether the unit has a result on disk."""
         return any(
             (u["setting"], u["lang"], u["seed"]) == (setting, lang, seed) for u in self.results["units"]
         )
+
+    def progress(self) -> str:
+        """Where the run is, for a message on interruption: finished units and the current activity."""
+        c = self.config
+        total = len(c.seeds) * len(c.settings) * len(c.targets)
+        selected = sum(
+            (u["setting"], u["lang"], u["seed"])
+            in {(s, t, e) for s in c.settings for t in c.targets for e in c.seeds}
+            for u in self.results["units"]
+        )
+        return f"{selected} of {total} units, during {self.activity}"
 
     def _save(self) -> None:
         self.results["config"] = self.config.to_dict()
@@ -160,6 +222,7 @@ class Experiment:
             tqdm.write(f"All {len(units)} units are finished in {self.out}.")
             self._save()
             return self.results
+        self.activity = "loading the data and the model"
         self._load_data()
         self._pristine: dict[tuple[str, str], list[torch.Tensor]] = {}
         with tqdm(total=len(units), initial=len(units) - len(todo), desc="units", unit="unit") as bar:
@@ -169,6 +232,7 @@ class Experiment:
                     if not langs:
                         continue
                     setting = SETTINGS[number]
+                    self.activity = f"priming s{number} seed {seed} (it resumes from its last checkpoint)"
                     try:
                         state = self._primed(setting, seed) if setting.priming else None
                     except FloatingPointError as error:  # e.g. InnerLossError: the other units still run
@@ -179,11 +243,13 @@ class Experiment:
                         continue
                     for lang in langs:
                         bar.set_postfix(setting=number, lang=lang, seed=seed)
+                        self.activity = f"unit s{number} {lang} seed {seed} (it restarts)"
                         unit = self._unit(setting, lang, seed, state)
                         self.results["units"].append(unit)
                         self.results["elapsed_seconds"] += unit["seconds"]
                         self._save()
                         bar.update(1)
+        self.activity = "the final save"
         wall = time.perf_counter() - began
         self.results.setdefault("invocations", []).append({"wall_seconds": wall, "units": len(todo)})
         self._save()
@@ -196,7 +262,7 @@ class Experiment:
         folder = self.out / "checkpoints" / f"prime-{key}"
         primed = folder / "primed.pt"
         if primed.is_file():
-            return torch.load(primed, weights_only=True)
+            return load_checkpoint(primed, f"priming s{setting.number} seed {seed}", weights_only=True)
         tagger, groups = self.backbone.build(setting, seed)
         info = prime(
             tagger,
@@ -210,7 +276,8 @@ class Experiment:
             log_dir=self.out / "tensorboard" / f"prime-{key}",
         )
         state = trainable_state(tagger, groups.backbone | groups.adapter | groups.head)
-        torch.save(state, primed)
+        torch.save(state, primed.with_suffix(".tmp"))
+        primed.with_suffix(".tmp").replace(primed)
         self.results["priming"][key] = info
         self.results["elapsed_seconds"] += info["seconds"]
         self._save()
@@ -260,9 +327,8 @@ class Experiment:
             writer.add_scalar("test/f1", f1, info["steps"])
         finally:
             writer.close()
-        path = self.out / "runs" / f"s{setting.number}-seed{seed}" / f"predictions-{lang}.jsonl"
-        save_predictions(path, self.test[lang]["tokens"], gold, predicted)
-        return {
+        path = self.out / "runs" / f"s{setting.number}-seed{seed}" / f"predictions-{lang}.jsonl.gz"
+        result = {
             "setting": setting.number,
             "name": setting.name,
             "lang": lang,
@@ -272,6 +338,9 @@ class Experiment:
             "fraction_updated": fraction(tagger, tuned),
             "ft_steps": info["steps"],
             "ft_final_loss": info["final_loss"],
+            "all_o": all(tag == "O" for sentence in predicted for tag in sentence),
             "seconds": time.perf_counter() - began,
-            "predictions": str(path.relative_to(self.out)),
+            "predictions": path.relative_to(self.out).as_posix(),
         }
+        save_predictions(path, self.test[lang]["tokens"], gold, predicted, result=result)
+        return result
