@@ -16,6 +16,7 @@ from torchopt.base import GradientTransformation
 from metakit.executors import Executor
 from metakit.inner import InnerLoop
 from metakit.learner import MetaLearner
+from metakit.reuse import Cut
 from metakit.spec import Spec, everything
 from metakit.strategies import FirstOrder, Implicit, Reptile, SecondOrder, Strategy
 from metakit.task import LossFn
@@ -120,6 +121,7 @@ def priming(
     logger: Any = None,
     adapt_backbone: bool = False,
     executor: Executor | None = None,
+    cut: Cut | str | None = "auto",
 ) -> MetaLearner:
     """Meta-learning for parameter-efficient fine-tuning (Gheini et al., Algorithm 1).
 
@@ -132,6 +134,9 @@ def priming(
         backbone: the pretrained parameters to prime; default everything else.
         adapt_backbone: the inner loop also updates the backbone (the paper's ablation 6, see
             :func:`maml_loop_priming`).
+        cut: feature reuse (:class:`~metakit.Cut`): ``"auto"`` finds it for the Hugging Face layouts
+            metakit knows, so the encoder runs once per batch; ``None`` runs the whole model at every
+            inner step. The meta-gradient is the same.
     """
     backbone = backbone if backbone is not None else everything() - pe - head
     inner = backbone | pe | head if adapt_backbone else pe | head
@@ -143,7 +148,7 @@ def priming(
         strategy=strategy if strategy is not None else FirstOrder(),
         inner_only="first_task",
         logger=logger,
-        cut="auto",
+        cut=cut if not adapt_backbone else None,
         executor=executor,
     )
 

@@ -150,7 +150,7 @@ def test_cached_features_give_the_same_logits(data_dir, number):
     rows = [{k: r[k] for k in ("input_ids", "attention_mask", "labels")} for r in encoded]
     batch = dict(make_collator(backbone.tokenizer)(rows))
     full = tagger(**{k: v for k, v in batch.items() if k != "labels"})
-    cached = tagger(**tagger.cached(batch))
+    cached = tagger(features=tagger.features(batch))
     torch.testing.assert_close(cached, full)
 
 

@@ -2,9 +2,8 @@
 
 Meta priming is :func:`metakit.recipes.priming` (Algorithm 1), or :func:`~metakit.recipes.maml_loop_priming`
 for setting 6; fine-tuning priming (setting 5) trains θp ∪ θa ∪ θh on the same source sentences. With a
-first-order strategy and only the adapter and head in the inner loop, each support batch goes through
-the encoder once (:meth:`Tagger.cached`): its features are constants for the inner steps, and the
-first-order meta-gradient only needs the query pass, so this is exact.
+only the adapter and head in the inner loop, each support batch goes through the encoder once, by the
+library's feature reuse (:meth:`Tagger.feature_cut`): exact under every strategy.
 """
 
 from __future__ import annotations
@@ -30,7 +29,6 @@ from metakit.experiments.settings import Setting
 from metakit.experiments.tagger import Tagger, token_loss
 from metakit.functional import bind
 from metakit.logging import TensorBoardLogger
-from metakit.strategies import FirstOrder
 from metakit.task import Task
 from metakit.tasks.ner import EpisodeSampler, batches, make_collator, model_inputs
 
@@ -180,12 +178,8 @@ class _MetaPriming:
             inner_lr=config.inner_lr,
             steps=steps,
             logger=self.logger,
-        )
-        # Only when the inner loop sees nothing below the adapter and gradients do not flow through it.
-        self.cache = (
-            config.cache_features
-            and setting.priming == "meta"
-            and isinstance(self.learner.strategy, FirstOrder)
+            # The library's feature reuse: exact under every strategy, so no condition on it here.
+            cut=tagger.feature_cut(groups.adapter | groups.head) if config.cache_features else None,
         )
         self.sampler = EpisodeSampler(sources, tokenizer, config.support_size, config.query_size, seed=seed)
         self.tagger, self.total = tagger, config.prime_steps
@@ -201,8 +195,6 @@ class _MetaPriming:
     def step(self, step: int) -> float:
         tasks: Sequence[Task] = self.sampler.sample()
         pre = self._pre_adaptation_loss(tasks)
-        if self.cache:
-            tasks = [Task(support=self.tagger.cached(t.support), query=t.query) for t in tasks]
         self.learner.step = step
         post = float(self.learner.meta_step(tasks).loss)
         self.logger.add_scalar("adaptation/query_loss_before", pre, step)

@@ -1,10 +1,11 @@
 """The token tagger of the priming experiment, and its shortcut through cached encoder features.
 
 ``logits = h(g(f(x; θp); θa); θh)``: ``f`` is the encoder, ``g`` the single adapter on top of it
-(:func:`metakit.peft.add_top_adapter`), ``h`` the classifier. When only ``g`` and ``h`` change — the
-inner loop of meta priming, adapter or head tuning on a frozen encoder — the encoder's output for a
-batch is the same at every step, so it is computed once (:meth:`Tagger.features`) and the steps run
-on the small top part only (``model(features=..., ...)``).
+(:func:`metakit.peft.add_top_adapter`), ``h`` the classifier. When only ``g`` and ``h`` change, the
+encoder's output for a batch is the same at every step. Meta priming's inner loop then uses the
+library's feature reuse (:meth:`Tagger.feature_cut`, a :class:`metakit.Cut`), exact under every
+strategy; adapter and head tuning on a frozen encoder run on :meth:`Tagger.features` computed once
+per sentence (``model(features=..., ...)``).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from metakit.reuse import Cut
 from metakit.spec import Spec
 from metakit.tasks.ner import IGNORE_INDEX
 
@@ -106,9 +108,23 @@ class Tagger(nn.Module):
             )
         return captured[0].detach()
 
-    def cached(self, batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """``batch`` with its token ids replaced by :meth:`features` (labels kept)."""
-        return {"features": self.features(batch), "labels": batch["labels"]}
+    def feature_cut(self, inner: Spec) -> Cut | None:
+        """The library's feature reuse for this tagger (:class:`metakit.Cut`), or ``None``.
+
+        When ``inner`` holds only the top adapter and the classifier, the encoder's output for a batch
+        is the same at every inner step: the cut runs it once per batch and only the top in each step.
+        """
+        top = [f"{self.adapter_path}." if self.adapter_path else None, "classifier."]
+        names = inner.names(self)
+        if not names or not all(name.startswith(tuple(p for p in top if p)) for name in names):
+            return None
+        adapter = self.adapter_path
+
+        def rest(run, features: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+            hidden = run(adapter)(features) if adapter else features
+            return run("classifier")(run("dropout")(hidden))
+
+        return Cut(at=adapter or "dropout", rest=rest)
 
 
 def token_loss(forward, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
