@@ -23,6 +23,7 @@ import torchopt
 
 import metakit as mk
 from metakit.distributed import Distributed, DistributedError, RankMismatchError, rank_tasks
+from metakit.executors import Sequential
 from metakit.tasks import SineTasks, mse_loss, sine_mlp
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -100,6 +101,17 @@ CASES = {
 }
 
 
+class CountingSequential(Sequential):
+    """Sequential that records how many tasks this rank ran."""
+
+    def __init__(self):
+        self.ran: list[int] = []
+
+    def run(self, strategy, problems):
+        self.ran.append(len(problems))
+        return super().run(strategy, problems)
+
+
 def measure(learner: mk.MetaLearner, tasks: list[mk.Task]) -> dict:
     """One meta-step: the meta-gradient, the measurements, and the parameters after it."""
     result = learner.meta_step(tasks)
@@ -131,8 +143,10 @@ def worker(rank: int, init_file: str, out: str) -> None:
             reference = make_learner()  # single process, all tasks
             saved[f"{name}/sequential"] = measure(reference, make_tasks(n_tasks))
             learner = make_learner()
-            learner.executor = Distributed(timeout=60)
+            local = CountingSequential()
+            learner.executor = Distributed(local=local, timeout=60)
             saved[f"{name}/distributed"] = measure(learner, make_tasks(n_tasks))
+            saved[f"{name}/ran"] = local.ran
 
         # Bad input: rank 1 starts from other parameters.
         learner = sine_learner(mk.FirstOrder())
@@ -184,10 +198,10 @@ def ranks() -> list[dict]:
     with tempfile.TemporaryDirectory() as out:
         mp.spawn(worker, args=(f"{out}/init", out), nprocs=WORLD, join=True)
         saved = [torch.load(f"{out}/rank{r}.pt", weights_only=False) for r in range(WORLD)]
+        for rank, measured in enumerate(saved):
+            assert "crash" not in measured, f"rank {rank} crashed:\n{measured.get('crash')}"
         for name in ("straight", "resumed"):
             saved[0][f"checkpoint/{name}"] = torch.load(f"{out}/{name}.pt", weights_only=True)
-    for rank, measured in enumerate(saved):
-        assert "crash" not in measured, f"rank {rank} crashed:\n{measured.get('crash')}"
     return saved
 
 
@@ -216,6 +230,16 @@ def test_two_processes_give_the_single_process_meta_gradient(ranks, case):
         # inner_only="first_task" (priming's head): the first task's adapted head on every rank.
         for name, value in sequential["params"].items():
             torch.testing.assert_close(distributed["params"][name], value, **TOLERANCE)
+
+
+def test_each_rank_runs_only_its_share_of_the_tasks(ranks):
+    for name, (_, _, n_tasks) in CASES.items():
+        ran = [measured[f"{name}/ran"] for measured in ranks]
+        expected = [
+            [len(rank_tasks(n_tasks, r, WORLD))] if rank_tasks(n_tasks, r, WORLD) else []
+            for r in range(WORLD)
+        ]
+        assert ran == expected, name
 
 
 def test_cases_cover_what_they_claim(ranks):
