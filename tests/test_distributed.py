@@ -322,3 +322,25 @@ def test_share_adapted_all_broadcasts_every_inner_parameter():
                 torch.testing.assert_close(batch.first_adapted[name], value, **TOLERANCE)
         finally:
             dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_the_sine_example_under_torchrun_writes_a_checkpoint_and_resumes(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    def torchrun(*args: str) -> str:
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+        command += [str(ROOT / "examples" / "sine_maml.py"), "--tasks-per-step", "4", "--eval-tasks", "2"]
+        command += ["--out", str(tmp_path / "runs"), "--checkpoint", str(tmp_path / "ckpt.pt"), *args]
+        env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300, check=False)
+        assert done.returncode == 0, done.stderr[-3000:]
+        return done.stdout
+
+    first = torchrun("--meta-steps", "3")
+    assert "at meta-step 0 -> " in first and "at 3 (" in first
+    out = torchrun("--meta-steps", "5", "--resume")
+    assert "at meta-step 3 -> " in out and "at 5 (" in out and "2 process(es)" in out
+    assert torch.load(tmp_path / "ckpt.pt", weights_only=True)["learner"]["step"] == 5
