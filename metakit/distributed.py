@@ -12,8 +12,8 @@ rank); each rank then computes only its own tasks. See the README section "Scale
 
 from __future__ import annotations
 
-import io
 import os
+import pickle
 from collections.abc import Mapping, Sequence
 from datetime import timedelta
 from typing import Any, Literal
@@ -142,9 +142,9 @@ class Distributed(Executor):
             record["tasks"] = [
                 (
                     index,
-                    local.query_losses[k].cpu(),
-                    local.inner_losses[k].cpu(),
-                    {name: value[k].cpu() for name, value in local.diagnostics.items()},
+                    _pack(local.query_losses[k]),
+                    _pack(local.inner_losses[k]),
+                    {name: _pack(value[k]) for name, value in local.diagnostics.items()},
                 )
                 for k, index in enumerate(mine)
             ]
@@ -217,9 +217,7 @@ class Distributed(Executor):
 
     def _all_gather_object(self, obj: Any, device: torch.device, what: str) -> list[Any]:
         """``dist.all_gather_object`` with this executor's timeout on each collective."""
-        buffer = io.BytesIO()
-        torch.save(obj, buffer)
-        payload = torch.frombuffer(bytearray(buffer.getvalue()), dtype=torch.uint8).to(device)
+        payload = torch.frombuffer(bytearray(pickle.dumps(obj)), dtype=torch.uint8).to(device)
         world = dist.get_world_size(self.group)
         size = torch.tensor([payload.numel()], dtype=torch.long, device=device)
         sizes = [torch.zeros_like(size) for _ in range(world)]
@@ -229,9 +227,9 @@ class Distributed(Executor):
         padded[: payload.numel()] = payload
         gathered = [torch.empty_like(padded) for _ in range(world)]
         self._wait(dist.all_gather(gathered, padded, group=self.group, async_op=True), what)
+        # The payloads are this job's own ranks' records (as in dist.all_gather_object).
         return [
-            torch.load(io.BytesIO(g[: int(s)].cpu().numpy().tobytes()), weights_only=False)
-            for g, s in zip(gathered, sizes, strict=True)
+            pickle.loads(g[: int(s)].cpu().numpy().tobytes()) for g, s in zip(gathered, sizes, strict=True)
         ]
 
     # -- checks -----------------------------------------------------------------------------------
@@ -343,6 +341,25 @@ def _unflatten(tensors: dict[str, torch.Tensor], names: list[str], flat: torch.T
         offset += numel
 
 
+def _pack(tensor: torch.Tensor) -> tuple:
+    """A tensor as a NumPy array and its dtype: pickled some 30 times faster than a tensor."""
+    tensor = tensor.detach().cpu()
+    numpy_ready = tensor.dtype in (
+        torch.float64,
+        torch.float32,
+        torch.float16,
+        torch.int64,
+        torch.int32,
+        torch.bool,
+    )
+    return (tensor if numpy_ready else tensor.double()).numpy(), tensor.dtype
+
+
+def _unpack(packed: tuple, device: torch.device) -> torch.Tensor:
+    array, dtype = packed
+    return torch.from_numpy(array).to(device=device, dtype=dtype)
+
+
 def _combine(
     records: list[dict], device: torch.device, grads: Params, lr_grads: Params, adapted: Params
 ) -> MetaBatchGradient:
@@ -352,8 +369,8 @@ def _combine(
     return MetaBatchGradient(
         grads=grads,
         lr_grads=lr_grads,
-        query_losses=torch.stack([t[1] for t in tasks]).to(device),
-        inner_losses=torch.stack([t[2] for t in tasks]).to(device),
+        query_losses=torch.stack([_unpack(t[1], device) for t in tasks]),
+        inner_losses=torch.stack([_unpack(t[2], device) for t in tasks]),
         first_adapted=adapted,
-        diagnostics={n: torch.stack([d[n] for d in diagnostics]).to(device) for n in names},
+        diagnostics={n: torch.stack([_unpack(d[n], device) for d in diagnostics]) for n in names},
     )
