@@ -7,7 +7,7 @@
 Each configuration starts its processes afresh (``torch.multiprocessing.spawn``, gloo on CPU, nccl
 on CUDA), builds the workload of ``benchmarks/workloads.py`` on every rank, runs warm-up meta-steps
 (meta-step, outer Adam step), then times ``--steps`` meta-steps between two barriers. Every
-configuration is repeated ``--repeats`` times; the table gives the median tasks/s and the speed-up
+configuration is repeated ``--repeats`` times, round-robin; the table gives the median tasks/s and the speed-up
 over one single-threaded process. One process with as many threads as there are processes is
 measured too, since that is what the cores would do otherwise. Writes ``throughput.json`` and
 ``throughput.md`` under ``--out`` (default ``benchmarks/results``).
@@ -21,7 +21,7 @@ import os
 import statistics
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -52,7 +52,7 @@ class Setting:
 #: The two workloads: MAML's sine (25 tasks, exact second order) and priming on the small BERT.
 PLANS = {
     "sine": dict(strategy="second-order", inner_steps=1, tasks_per_step=25, steps=40, warmup=3),
-    "priming": dict(strategy="first-order", inner_steps=5, tasks_per_step=4, steps=4, warmup=1),
+    "priming": dict(strategy="first-order", inner_steps=5, tasks_per_step=4, steps=8, warmup=1),
 }
 STRATEGIES = {"second-order": mk.SecondOrder, "first-order": mk.FirstOrder}
 
@@ -204,32 +204,36 @@ def main(argv: list[str] | None = None) -> None:
     os.environ.setdefault("OMP_NUM_THREADS", "1")
 
     environment = describe_environment(args.device, threads=1)
-    records = []
-    for workload in args.workloads:
-        plan = PLANS[workload]
-        steps = args.steps or plan["steps"]
-        baseline = None
-        for setting in settings_for(workload, args.processes):
-            if args.device == "cuda" and setting.threads > 1:
-                continue
-            rates = []
-            for _ in range(args.repeats):
-                seconds = measure(setting, args.device, steps, plan["warmup"])
-                rates.append(steps * setting.tasks_per_step / seconds)
-            rate = statistics.median(rates)
-            baseline = rate if setting.processes == setting.threads == 1 else baseline
-            records.append(
-                {
-                    **setting.__dict__,
-                    "timed_meta_steps": steps,
-                    "tasks_per_s": rate,
-                    "tasks_per_s_repeats": rates,
-                    "speedup": rate / baseline,
-                }
-            )
+    plan_settings = [
+        (setting, args.steps or PLANS[workload]["steps"], PLANS[workload]["warmup"])
+        for workload in args.workloads
+        for setting in settings_for(workload, args.processes)
+        if not (args.device == "cuda" and setting.threads > 1)
+    ]
+    rates: dict[Setting, list[float]] = {setting: [] for setting, _, _ in plan_settings}
+    # Round-robin over the settings, so that load from other processes hits them alike.
+    for repeat in range(args.repeats):
+        for setting, steps, warmup in plan_settings:
+            seconds = measure(setting, args.device, steps, warmup)
+            rates[setting].append(steps * setting.tasks_per_step / seconds)
             print(
-                f"{workload}: {setting.processes} process(es) × {setting.threads} thread(s): {rate:.1f} tasks/s"
+                f"repeat {repeat + 1}/{args.repeats}: {setting.workload}, {setting.processes} process(es) × "
+                f"{setting.threads} thread(s): {rates[setting][-1]:.1f} tasks/s",
+                flush=True,
             )
+    records = []
+    for setting, steps, _ in plan_settings:
+        baseline = statistics.median(rates[replace(setting, processes=1, threads=1)])
+        rate = statistics.median(rates[setting])
+        records.append(
+            {
+                **asdict(setting),
+                "timed_meta_steps": steps,
+                "tasks_per_s": rate,
+                "tasks_per_s_repeats": rates[setting],
+                "speedup": rate / baseline,
+            }
+        )
     environment["load_average_at_end"] = list(os.getloadavg())
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / f"{args.name}.json").write_text(

@@ -121,64 +121,65 @@ class Distributed(Executor):
     # -- the meta-batch ---------------------------------------------------------------------------
     def run(self, strategy: Strategy, problems: Sequence[TaskProblem]) -> MetaBatchGradient:
         problems = list(problems)
-        self._ensure_group(problems[0])
-        rank, world = dist.get_rank(self.group), dist.get_world_size(self.group)
         first = problems[0]
+        self._ensure_group(first)
+        rank, world = dist.get_rank(self.group), dist.get_world_size(self.group)
         device = _device(first.partition.inner)
         if not self._checked:
-            self._check_fingerprints(first, rank, device)
+            self._check_fingerprints(first, device)
             self._checked = True
 
         mine = rank_tasks(len(problems), rank, world)
-        record: dict[str, Any] = {"n_tasks": len(problems), "error": None, "tasks": []}
-        local = failure = None
-        if mine:
-            try:
-                local = self.local.run(strategy, [problems[i] for i in mine])
-            except Exception as error:  # reported to the other ranks before it is re-raised here
-                failure = error
-                record["error"] = f"{type(error).__name__}: {error}"
-        if local is not None:
-            record["tasks"] = [
-                (
-                    index,
-                    _pack(local.query_losses[k]),
-                    _pack(local.inner_losses[k]),
-                    {name: _pack(value[k]) for name, value in local.diagnostics.items()},
-                )
-                for k, index in enumerate(mine)
-            ]
+        local, failure, record = self._run_local(strategy, [problems[i] for i in mine], mine, len(problems))
         records = self._all_gather_object(record, device, "gathering the per-task results")
-        self._raise_on_failure(records, rank, failure, len(problems))
+        self._raise_on_failure(records, rank, failure)
 
-        grad_names = [*first.partition.shared, *first.partition.outer_only]
-        lr_names = list(first.lr_scales or {})
-        sums = {
-            **_scaled_sum(
-                grad_names,
-                local.grads if local else {},
-                {**first.partition.shared, **first.partition.outer_only},
-                len(mine),
-            ),
-            **{
-                f"lr:{n}": v
-                for n, v in _scaled_sum(
-                    lr_names, local.lr_grads if local else {}, first.lr_scales or {}, len(mine)
-                ).items()
-            },
-        }
-        self._all_reduce(sums, "all-reducing the meta-gradient")
-        n_total = len(problems)
-        grads = {name: sums[name] / n_total for name in grad_names}
-        lr_grads = {name: sums[f"lr:{name}"] / n_total for name in lr_names}
-
-        shared_names = first.partition.inner_only if self.share_adapted == "inner_only" else first.start
+        grads, lr_grads = self._mean_gradients(first, local, len(mine), len(problems))
+        wanted = first.partition.inner_only if self.share_adapted == "inner_only" else first.start
         adapted = {
-            name: (local.first_adapted[name].detach().clone() if rank == 0 else torch.empty_like(value))
-            for name, value in shared_names.items()
+            name: local.first_adapted[name].detach().clone() if rank == 0 else torch.empty_like(value)
+            for name, value in wanted.items()
         }
         self._broadcast(adapted, "broadcasting the first task's adapted parameters")
         return _combine(records, device, grads, lr_grads, adapted)
+
+    def _run_local(
+        self, strategy: Strategy, problems: list[TaskProblem], indices: list[int], n_tasks: int
+    ) -> tuple[MetaBatchGradient | None, Exception | None, dict[str, Any]]:
+        """This rank's tasks through the local executor; the record the other ranks receive."""
+        record: dict[str, Any] = {"n_tasks": n_tasks, "error": None, "tasks": []}
+        if not problems:
+            return None, None, record
+        try:
+            local = self.local.run(strategy, problems)
+        except Exception as error:  # reported to the other ranks before it is re-raised here
+            record["error"] = f"{type(error).__name__}: {error}"
+            return None, error, record
+        record["tasks"] = [
+            (
+                index,
+                _pack(local.query_losses[k]),
+                _pack(local.inner_losses[k]),
+                {name: _pack(value[k]) for name, value in local.diagnostics.items()},
+            )
+            for k, index in enumerate(indices)
+        ]
+        return local, None, record
+
+    def _mean_gradients(
+        self, first: TaskProblem, local: MetaBatchGradient | None, n_local: int, n_tasks: int
+    ) -> tuple[Params, Params]:
+        """All-reduce the ranks' sums of per-task gradients; divide by the global task count."""
+        outer = {**first.partition.shared, **first.partition.outer_only}
+        scales = dict(first.lr_scales or {})
+        sums = _local_sum(outer, local.grads if local else {}, n_local)
+        lr_sums = _local_sum(scales, local.lr_grads if local else {}, n_local)
+        both = {**sums, **{f"lr:{name}": value for name, value in lr_sums.items()}}
+        self._all_reduce(both, "all-reducing the meta-gradient")
+        return (
+            {name: both[name] / n_tasks for name in outer},
+            {name: both[f"lr:{name}"] / n_tasks for name in scales},
+        )
 
     # -- process group ----------------------------------------------------------------------------
     def _ensure_group(self, problem: TaskProblem) -> None:
@@ -233,7 +234,7 @@ class Distributed(Executor):
         ]
 
     # -- checks -----------------------------------------------------------------------------------
-    def _check_fingerprints(self, problem: TaskProblem, rank: int, device: torch.device) -> None:
+    def _check_fingerprints(self, problem: TaskProblem, device: torch.device) -> None:
         params = {**problem.partition.inner, **problem.partition.outer_only, **problem.partition.frozen}
         params.update({f"lr_scale:{n}": v for n, v in (problem.lr_scales or {}).items()})
         mine = fingerprint(params)
@@ -248,9 +249,7 @@ class Distributed(Executor):
                 "the same checkpoint on every rank) before the first meta_step."
             )
 
-    def _raise_on_failure(
-        self, records: list[dict], rank: int, failure: BaseException | None, n_tasks: int
-    ) -> None:
+    def _raise_on_failure(self, records: list[dict], rank: int, failure: BaseException | None) -> None:
         failed = {r: rec["error"] for r, rec in enumerate(records) if rec["error"] is not None}
         if failure is not None:
             raise failure
@@ -315,13 +314,11 @@ def _device(params: Mapping[str, torch.Tensor]) -> torch.device:
     return next(iter(params.values())).device if params else torch.device("cpu")
 
 
-def _scaled_sum(
-    names: list[str], means: Mapping[str, torch.Tensor], like: Mapping[str, torch.Tensor], count: int
-) -> Params:
-    """This rank's sum of per-task gradients (its local mean times its task count; zeros if none)."""
+def _local_sum(like: Mapping[str, torch.Tensor], means: Mapping[str, torch.Tensor], count: int) -> Params:
+    """This rank's sum of per-task gradients: its local mean times its task count (zeros if none)."""
     return {
-        name: (means[name].detach() * count if count and name in means else torch.zeros_like(like[name]))
-        for name in names
+        name: means[name].detach() * count if count and name in means else torch.zeros_like(value)
+        for name, value in like.items()
     }
 
 
