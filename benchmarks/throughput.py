@@ -7,8 +7,8 @@
 Each configuration starts its processes afresh (``torch.multiprocessing.spawn``, gloo on CPU, nccl
 on CUDA), builds the workload of ``benchmarks/workloads.py`` on every rank, runs warm-up meta-steps
 (meta-step, outer Adam step), then times ``--steps`` meta-steps between two barriers. Every
-configuration is repeated ``--repeats`` times, round-robin; the table gives the median tasks/s and the speed-up
-over one single-threaded process. One process with as many threads as there are processes is
+configuration is repeated ``--repeats`` times, round-robin; the table gives the median tasks/s
+and the speed-up over one single-threaded process. One process with as many threads as there are processes is
 measured too, since that is what the cores would do otherwise. Writes ``throughput.json`` and
 ``throughput.md`` under ``--out`` (default ``benchmarks/results``).
 """

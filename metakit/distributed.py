@@ -72,7 +72,8 @@ class Distributed(Executor):
         group: the process group; ``None`` for the default group. If no default group exists at the
             first meta-step and the script runs under ``torchrun`` (``WORLD_SIZE`` is set), the
             executor creates it with ``init_process_group`` (gloo for CPU tensors, nccl for CUDA
-            ones) and this ``timeout``.
+            ones) and this ``timeout``. On GPUs put each rank's model on its own device
+            (``cuda:LOCAL_RANK``) before building the learner.
         local: the executor that runs this rank's tasks (``Sequential()`` by default).
         timeout: the longest any collective waits for the other ranks.
         share_adapted: which of the first task's adapted parameters every rank receives:
