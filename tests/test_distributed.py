@@ -94,7 +94,7 @@ CASES = {
     "second-order-uneven": (lambda: sine_learner(mk.SecondOrder(), inner_only="first_task"), sine_tasks, 3),
     "first-order-uneven": (lambda: sine_learner(mk.FirstOrder()), sine_tasks, 3),
     "reptile-uneven": (lambda: sine_learner(mk.Reptile()), sine_tasks, 3),
-    "implicit": (lambda: sine_learner(mk.Implicit(lam=1.0, cg_steps=5)), sine_tasks, 3),
+    "implicit": (lambda: sine_learner(mk.Implicit(lam=4.0, cg_steps=5, max_inner_steps=300)), sine_tasks, 3),
     "more-ranks-than-tasks": (lambda: sine_learner(mk.SecondOrder(), inner_only="first_task"), sine_tasks, 1),
     "priming-uneven": (lambda: priming_learner(mk.FirstOrder()), bert_tasks, 3),
     "priming-second-order": (lambda: priming_learner(mk.SecondOrder()), bert_tasks, 2),
