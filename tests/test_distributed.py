@@ -344,3 +344,24 @@ def test_the_sine_example_under_torchrun_writes_a_checkpoint_and_resumes(tmp_pat
     out = torchrun("--meta-steps", "5", "--resume")
     assert "at meta-step 3 -> " in out and "at 5 (" in out and "2 process(es)" in out
     assert torch.load(tmp_path / "ckpt.pt", weights_only=True)["learner"]["step"] == 5
+
+
+def test_under_torchrun_environment_the_executor_creates_the_group(monkeypatch):
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    for name, value in dict(WORLD_SIZE="1", RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)).items():
+        monkeypatch.setenv(name, value)
+    reference, learner = sine_learner(mk.SecondOrder()), sine_learner(mk.SecondOrder())
+    learner.executor = Distributed(timeout=30)
+    try:
+        reference.meta_step(sine_tasks(3))
+        learner.meta_step(sine_tasks(3))
+        assert dist.is_initialized() and dist.get_backend() == "gloo"
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    for want, got in zip(reference.outer_parameters(), learner.outer_parameters(), strict=True):
+        torch.testing.assert_close(got.grad, want.grad, **TOLERANCE)
