@@ -20,7 +20,16 @@ import torch
 
 from metakit.problem import Strategy, TaskGradient, TaskProblem
 
-__all__ = ["Executor", "MetaBatchGradient", "Sequential", "Vmap", "VmapError"]
+__all__ = [
+    "Distributed",
+    "DistributedError",
+    "Executor",
+    "MetaBatchGradient",
+    "RankMismatchError",
+    "Sequential",
+    "Vmap",
+    "VmapError",
+]
 
 Params = dict[str, torch.Tensor]
 
@@ -117,4 +126,5 @@ def combine_outcomes(total: Params, total_lr: Params, outcomes: Sequence[TaskGra
 
 
 # Vmap lives in its own module (the per-task computation written with torch.func); exported here.
+from metakit.distributed import Distributed, DistributedError, RankMismatchError  # noqa: E402
 from metakit.vmap import Vmap, VmapError  # noqa: E402

@@ -23,6 +23,7 @@ from torchopt.base import GradientTransformation
 
 from metakit.buffers import BufferPolicy, check_policy, eval_statistics, task_buffers
 from metakit.functional import bind, double_backward_safe
+from metakit.precision import scaled_grad
 from metakit.spec import Spec
 from metakit.task import LossFn
 
@@ -179,17 +180,19 @@ class InnerLoop:
         create_graph: bool = False,
         regularizer: Regularizer | None = None,
         where: str = "support loss",
+        loss_scale: float | None = None,
     ) -> tuple[Params, torch.Tensor]:
         """The gradient of the support loss (plus ``regularizer``) at ``params``: ``(grads, loss)``.
 
-        ``loss`` is the support loss without the regularizer, not detached.
+        ``loss`` is the support loss without the regularizer, not detached. ``loss_scale`` (float16)
+        computes it as ``grad(S · loss) / S``, the same function with no underflow inside the network.
         """
         params = dict(params)
         with double_backward_safe(create_graph):
             loss = objective({**context, **params}, batch)
         check_scalar_loss(loss, where)
         total = loss + regularizer(params) if regularizer is not None else loss
-        grads = torch.autograd.grad(total, tuple(params.values()), create_graph=create_graph)
+        grads = scaled_grad(total, tuple(params.values()), loss_scale, create_graph=create_graph)
         return dict(zip(params, grads, strict=True)), loss
 
     def step(
@@ -204,6 +207,7 @@ class InnerLoop:
         lr_scales: Mapping[str, torch.Tensor] | None = None,
         regularizer: Regularizer | None = None,
         where: str = "support loss",
+        loss_scale: float | None = None,
     ) -> tuple[Params, Any, torch.Tensor]:
         """One update of the inner parameters on ``batch``: ``(new params, new state, loss)``.
 
@@ -220,6 +224,7 @@ class InnerLoop:
             regularizer: a term added to the differentiated loss (iMAML's proximal term), not to
                 the returned loss.
             where: names the loss in error messages.
+            loss_scale: float16 loss scaling of the gradient (:func:`metakit.precision.scaled_grad`).
 
         Returns:
             The updated parameters, the new state and the loss before the update (not detached).
@@ -232,6 +237,7 @@ class InnerLoop:
             create_graph=create_graph,
             regularizer=regularizer,
             where=where,
+            loss_scale=loss_scale,
         )
         new_params, state = self.update(grads, state, params, lr_scales)
         return new_params, state, loss
@@ -249,6 +255,7 @@ class InnerLoop:
         regularizer: Regularizer | None = None,
         task_index: int = 0,
         trace_final: bool = True,
+        loss_scale: float | None = None,
     ) -> Adaptation:
         """Adapt ``params`` on ``batch`` for ``steps`` steps; the last ``differentiable_steps`` keep their graph.
 
@@ -266,6 +273,7 @@ class InnerLoop:
             task_index: used in error messages.
             trace_final: also record the support loss after the last step (one more forward,
                 without a graph); otherwise the trace's last entry is NaN.
+            loss_scale: float16 loss scaling of the inner gradients.
         """
         steps = self.steps
         first_differentiable = steps - min(max(differentiable_steps, 0), steps)
@@ -289,6 +297,7 @@ class InnerLoop:
                 lr_scales=lr_scales,
                 regularizer=regularizer,
                 where=f"support loss of task {task_index} at inner step {step}",
+                loss_scale=loss_scale,
             )
             losses.append(loss.detach())
             if not differentiable:

@@ -64,6 +64,10 @@ class MetaLearner:
             nothing, so that part runs once per batch; ``"auto"`` finds it for the Hugging Face
             layouts metakit knows (:func:`metakit.peft.feature_cut`); ``None`` (default) runs the
             whole model at every inner step. The meta-gradient is the same either way.
+        precision: ``"fp32"`` (default), ``"bf16"`` or ``"fp16"`` (CUDA): the forward passes run under
+            autocast; the loss, the inner updates and the meta-gradient stay float32; float16 scales
+            its gradients (:mod:`metakit.precision`; bf16 second order is within cosine 0.999 of
+            float32 in the tests).
 
     Only parameters with ``requires_grad=True`` are candidates for either set, so parameters frozen
     the usual PyTorch way stay frozen. Parameters in neither set are untouched and get no ``.grad``.
@@ -87,6 +91,7 @@ class MetaLearner:
         logger: Any = None,
         executor: Executor | None = None,
         cut: Cut | Literal["auto"] | None = None,
+        precision: Literal["fp32", "bf16", "fp16"] = "fp32",
     ):
         if not isinstance(model, nn.Module):
             raise TypeError(f"MetaLearner expects an nn.Module, got {type(model).__name__}.")
@@ -146,6 +151,7 @@ class MetaLearner:
                 self.lr_scales[_scale_key(name)] = nn.Parameter(torch.ones_like(params[name]))
         self._lr_names = {_scale_key(name): name for name in inner_names} if inner.learn_lr else {}
         self.cut = _resolve_cut(cut, model, inner.params)
+        self.precision = _check_precision(precision, model, strategy, executor)
         self.step = 0
 
     def __repr__(self) -> str:
@@ -255,6 +261,7 @@ class MetaLearner:
             lr_scales=lr_scales,
             cut=self.cut,
             trace_final=trace_final,
+            precision=self.precision,
         )
 
     def _check_tasks(self, tasks: Sequence[Task]) -> list[Task]:
@@ -295,6 +302,27 @@ class MetaLearner:
         norms = {name: _norm(tensors) for name, tensors in groups.items() if tensors}
         norms["total"] = _norm([g for tensors in groups.values() for g in tensors])
         return norms
+
+
+def _check_precision(precision: str, model: nn.Module, strategy: Strategy, executor: Executor) -> str:
+    from metakit.implicit import Implicit
+    from metakit.precision import autocast_dtype
+    from metakit.strategies import SecondOrder
+
+    device = next(model.parameters()).device.type
+    dtype = autocast_dtype(precision, device)  # names the choices, refuses fp16 off CUDA
+    lean = isinstance(strategy, SecondOrder) and (
+        strategy.hvp == "forward" or strategy.checkpoint is not None
+    )
+    if dtype is torch.float16 and (
+        lean or isinstance(strategy, Implicit) or type(executor).__name__ == "Vmap"
+    ):
+        raise ValueError(
+            f"precision='fp16' scales its gradients to avoid underflow, which {strategy!r} with "
+            f"{executor!r} does not do yet; use precision='bf16' (no loss scaling needed) or SecondOrder(), "
+            "FirstOrder(), Truncated(k), Reptile() with Sequential()."
+        )
+    return precision
 
 
 def _resolve_cut(cut: Any, model: nn.Module, inner: Spec) -> Cut | None:

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from metakit.inner import Adaptation, InnerLoop, Objective, Regularizer, check_scalar_loss, model_objective
+from metakit.precision import loss_scale_for, precision_objective, scaled_grad
 from metakit.reuse import FEATURES, Cut
 from metakit.task import LossFn, Task
 
@@ -64,6 +65,8 @@ class TaskProblem:
         trace_final: record the support loss after the last inner step (one more forward).
         cut: feature reuse (:class:`~metakit.reuse.Cut`): the model below the cut runs once per
             batch and the inner steps run only the top.
+        precision: ``"fp32"``, ``"bf16"`` or ``"fp16"``: the forward passes under autocast, the loss,
+            the inner updates and the meta-gradient in float32 (:mod:`metakit.precision`).
     """
 
     model: nn.Module
@@ -75,6 +78,7 @@ class TaskProblem:
     lr_scales: Mapping[str, torch.Tensor] | None = None
     trace_final: bool = True
     cut: Cut | None = None
+    precision: str = "fp32"
 
     @property
     def start(self) -> Params:
@@ -104,15 +108,28 @@ class TaskProblem:
         and only the top runs.
         """
         if self.cut is not None:
-            return self.cut.objective(self.model, self.loss_fn)
-        return model_objective(self.model, self.loss_fn, buffers=self.inner.buffers)
+            return self._in_precision(self.cut.objective(self.model, self.loss_fn))
+        return self._in_precision(model_objective(self.model, self.loss_fn, buffers=self.inner.buffers))
+
+    def _in_precision(self, objective: Objective) -> Objective:
+        if self.precision == "fp32":
+            return objective
+        device = next(iter(self.start.values())).device.type
+        return precision_objective(objective, self.precision, device)
+
+    @property
+    def loss_scale(self) -> float | None:
+        """The static loss scale of the gradients (float16 only)."""
+        return loss_scale_for(self.precision)
 
     @functools.cached_property
     def query_objective(self) -> Objective:
         """The objective of the query forward: :attr:`objective`, except that ``"frozen"`` buffers
         apply to adaptation only (the query forward runs the module as it is)."""
         if self.cut is None and self.inner.buffers == "frozen":
-            return model_objective(self.model, self.loss_fn, buffers="frozen", adapting=False)
+            return self._in_precision(
+                model_objective(self.model, self.loss_fn, buffers="frozen", adapting=False)
+            )
         return self.objective
 
     def inner_inputs(self, differentiable: bool) -> tuple[Any, Params]:
@@ -158,6 +175,7 @@ class TaskProblem:
             regularizer=regularizer,
             task_index=self.index,
             trace_final=self.trace_final,
+            loss_scale=self.loss_scale,
         )
 
     def query_loss(self, adapted: Mapping[str, torch.Tensor]) -> torch.Tensor:
@@ -208,10 +226,12 @@ class Strategy(abc.ABC):
         return f"{type(self).__name__}()"
 
 
-def gradients_by_name(loss: torch.Tensor, wrt: Mapping[str, torch.Tensor]) -> Params:
+def gradients_by_name(
+    loss: torch.Tensor, wrt: Mapping[str, torch.Tensor], loss_scale: float | None = None
+) -> Params:
     """Gradients of ``loss`` by name; a tensor the loss does not depend on gets zeros."""
     names = [name for name, value in wrt.items() if value.requires_grad]
-    grads = torch.autograd.grad(loss, [wrt[name] for name in names], allow_unused=True) if names else ()
+    grads = scaled_grad(loss, [wrt[name] for name in names], loss_scale, allow_unused=True) if names else ()
     by_name = dict(zip(names, grads, strict=True))
     return {
         name: (by_name.get(name) if by_name.get(name) is not None else torch.zeros_like(value))

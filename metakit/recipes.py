@@ -51,6 +51,8 @@ def maml(
     optimizer: GradientTransformation | None = None,
     learn_lr: bool = False,
     logger: Any = None,
+    executor: Executor | None = None,
+    precision: str = "fp32",
 ) -> MetaLearner:
     """MAML (Finn et al., 2017): every parameter (or ``params``) adapts and is meta-learned, exactly.
 
@@ -64,6 +66,8 @@ def maml(
         outer_params=spec,
         strategy=strategy if strategy is not None else SecondOrder(),
         logger=logger,
+        executor=executor,
+        precision=precision,
     )
 
 
@@ -94,6 +98,8 @@ def anil(
     strategy: Strategy | None = None,
     optimizer: GradientTransformation | None = None,
     logger: Any = None,
+    executor: Executor | None = None,
+    precision: str = "fp32",
 ) -> MetaLearner:
     """ANIL (Raghu et al., 2020): only the head adapts; everything is meta-learned."""
     return MetaLearner(
@@ -104,6 +110,8 @@ def anil(
         strategy=strategy if strategy is not None else SecondOrder(),
         logger=logger,
         cut="auto",
+        executor=executor,
+        precision=precision,
     )
 
 
@@ -122,6 +130,7 @@ def priming(
     adapt_backbone: bool = False,
     executor: Executor | None = None,
     cut: Cut | str | None = "auto",
+    precision: str = "fp32",
 ) -> MetaLearner:
     """Meta-learning for parameter-efficient fine-tuning (Gheini et al., Algorithm 1).
 
@@ -150,6 +159,7 @@ def priming(
         logger=logger,
         cut=cut if not adapt_backbone else None,
         executor=executor,
+        precision=precision,
     )
 
 
@@ -169,6 +179,8 @@ def meta_adapters(
     strategy: Strategy | None = None,
     optimizer: GradientTransformation | None = None,
     logger: Any = None,
+    executor: Executor | None = None,
+    precision: str = "fp32",
 ) -> MetaLearner:
     """Meta-Adapters (Bansal et al., 2022): inner = adapters + head, outer = adapters, backbone frozen.
 
@@ -183,6 +195,8 @@ def meta_adapters(
         inner_only="keep",
         logger=logger,
         cut="auto",
+        executor=executor,
+        precision=precision,
     )
 
 

@@ -68,7 +68,9 @@ class Unrolled(Strategy):
         targets = {name: adapted.anchor[name] for name in problem.shared}
         targets.update(problem.outer_only)
         lr_scales = dict(problem.lr_scales or {})
-        grads = self.backward(query_loss, {**targets, **{f"lr:{k}": v for k, v in lr_scales.items()}})
+        grads = self.backward(
+            query_loss, {**targets, **{f"lr:{k}": v for k, v in lr_scales.items()}}, problem.loss_scale
+        )
         return TaskGradient(
             query_loss=query_loss.detach(),
             inner_losses=adapted.losses,
@@ -77,9 +79,11 @@ class Unrolled(Strategy):
             adapted=detached(adapted.params),
         )
 
-    def backward(self, loss: torch.Tensor, wrt: Mapping[str, torch.Tensor]) -> Params:
+    def backward(
+        self, loss: torch.Tensor, wrt: Mapping[str, torch.Tensor], loss_scale: float | None = None
+    ) -> Params:
         """Gradients of the query loss by name (zeros where it does not depend on a tensor)."""
-        return gradients_by_name(loss, wrt)
+        return gradients_by_name(loss, wrt, loss_scale)
 
 
 class SecondOrder(Unrolled):
@@ -143,9 +147,11 @@ class SecondOrder(Unrolled):
             problem.inner, problem.start, batch, context, segment=self.checkpoint, **kwargs
         )
 
-    def backward(self, loss: torch.Tensor, wrt: Mapping[str, torch.Tensor]) -> Params:
+    def backward(
+        self, loss: torch.Tensor, wrt: Mapping[str, torch.Tensor], loss_scale: float | None = None
+    ) -> Params:
         if self.hvp != "forward":
-            return super().backward(loss, wrt)
+            return super().backward(loss, wrt, loss_scale)
         try:
             return gradients_by_name(loss, wrt)
         except ForwardModeError:

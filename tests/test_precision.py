@@ -1,12 +1,10 @@
 """Mixed precision: bf16 autocast forwards keep the second-order meta-gradient close to float32's.
 
 ``MetaLearner`` takes no ``precision=`` yet, so these tests route the learner's task problems
-through :func:`precision_objective` the way the hook will (``TaskProblem.objective``).
+through :func:`precision_objective`, as ``MetaLearner(precision=...)`` does (``TaskProblem.objective``).
 """
 
 from __future__ import annotations
-
-from dataclasses import dataclass
 
 import pytest
 import torch
@@ -20,7 +18,6 @@ from metakit.precision import (
     precision_objective,
     scaled_grad,
 )
-from metakit.problem import TaskProblem
 from metakit.tasks import SineTasks, mse_loss, sine_mlp
 
 torch.set_num_threads(1)
@@ -43,32 +40,6 @@ BF16_MIN_COSINE = 0.999
 BF16_MAX_RELATIVE_ERROR = 0.05
 
 
-@dataclass(kw_only=True)
-class PrecisionProblem(TaskProblem):
-    """A task problem whose objective runs in ``precision`` (the hook ``MetaLearner(precision=)`` needs)."""
-
-    precision: str = "fp32"
-
-    @property
-    def objective(self):
-        device_type = next(iter(self.partition.inner.values())).device.type
-        return precision_objective(super().objective, self.precision, device_type)
-
-
-def with_precision(
-    learner: mk.MetaLearner, precision: str, loss_scale: float | None = None
-) -> mk.MetaLearner:
-    build = learner._problem
-
-    def problem(*args, **kwargs):
-        plain = build(*args, **kwargs)
-        fields = {name: getattr(plain, name) for name in plain.__dataclass_fields__}
-        return PrecisionProblem(**fields, precision=precision)
-
-    learner._problem = problem
-    return learner
-
-
 def bert_tasks(n: int) -> list[mk.Task]:
     gen = torch.Generator().manual_seed(2)
 
@@ -80,19 +51,25 @@ def bert_tasks(n: int) -> list[mk.Task]:
     return [mk.Task(support=batch(), query=batch()) for _ in range(n)]
 
 
-def bert_meta_gradient(precision: str) -> torch.Tensor:
+def bert_learner(precision: str = "fp32") -> mk.MetaLearner:
     from transformers import BertConfig, BertForTokenClassification
 
     torch.manual_seed(0)
     model = BertForTokenClassification(BertConfig(**TINY_BERT)).eval()
-    learner = mk.MetaLearner(
+    return mk.MetaLearner(
         model,
         lambda forward, batch: forward(**batch).loss,
         inner=mk.InnerLoop(mk.select("classifier.*", "*.attention.self.*"), torchopt.sgd(lr=0.3), steps=2),
         outer_params=mk.everything(),
         strategy=mk.SecondOrder(),
+        precision=precision,
     )
-    result = with_precision(learner, precision).meta_step(bert_tasks(2))
+
+
+def bert_meta_gradient(precision: str) -> torch.Tensor:
+    learner = bert_learner(precision)
+    model = learner.model
+    result = learner.meta_step(bert_tasks(2))
     assert torch.isfinite(result.loss) and result.loss.dtype == torch.float32
     grads = [p.grad for p in model.parameters()]
     assert all(g is not None and g.dtype == torch.float32 for g in grads)
@@ -152,3 +129,8 @@ def test_fp32_is_the_objective_itself_and_bad_precisions_are_refused():
         precision_objective(objective, "fp16", "cpu")
     with pytest.raises(ValueError, match="precision must be one of"):
         autocast_dtype("half", "cpu")
+
+
+def test_fp16_on_cpu_is_refused_by_the_learner():
+    with pytest.raises(ValueError, match=r"fp16.*CUDA.*bf16"):
+        bert_learner("fp16")
