@@ -222,8 +222,8 @@ def test_two_processes_give_the_single_process_meta_gradient(ranks, case):
             torch.testing.assert_close(
                 distributed["grads"][name], grad, **TOLERANCE, msg=f"{case} rank {rank} {name}"
             )
-        for key in ("query_losses", "inner_losses"):
-            torch.testing.assert_close(distributed[key], sequential[key], **TOLERANCE)
+        for key in ("query_losses", "inner_losses"):  # inner_losses[:, -1] is NaN: not traced
+            torch.testing.assert_close(distributed[key], sequential[key], **TOLERANCE, equal_nan=True)
         assert distributed["diagnostics"].keys() == sequential["diagnostics"].keys()
         for name, value in sequential["diagnostics"].items():
             torch.testing.assert_close(distributed["diagnostics"][name], value, **TOLERANCE)
