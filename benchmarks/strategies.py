@@ -55,6 +55,7 @@ class StrategyEntry:
         executor: a metakit expression building the learner's executor (``None``: ``Sequential()``),
             e.g. ``"executors.Vmap()"``: the same gradient, computed over the tasks in one batch.
         default: in the default comparison of a workload (``False``: only where a grid names it).
+        precision: the learner's ``precision=`` (``"bf16"``: its cosine to the float32 gradient).
     """
 
     name: str
@@ -67,6 +68,7 @@ class StrategyEntry:
     sweep: bool = False
     executor: str | None = None
     default: bool = True
+    precision: str = "fp32"
 
     def __post_init__(self) -> None:
         if not self.label:
@@ -116,6 +118,13 @@ STRATEGIES: tuple[StrategyEntry, ...] = (
         label="FirstOrder [Vmap]",
         first_order=True,
         executor="executors.Vmap()",
+        default=False,
+    ),
+    StrategyEntry(
+        "second-order-bf16",
+        "SecondOrder()",
+        label="SecondOrder [bf16]",
+        precision="bf16",
         default=False,
     ),
 )
@@ -220,6 +229,7 @@ def build_learner(built: BuiltWorkload, strategy: str, steps: int) -> mk.MetaLea
             steps=steps,
             strategy=build_strategy(strategy),
             executor=build_executor(strategy),
+            precision=entry(strategy).precision,
         )
     return mk.MetaLearner(
         built.model,
@@ -228,4 +238,5 @@ def build_learner(built: BuiltWorkload, strategy: str, steps: int) -> mk.MetaLea
         outer_params=built.outer,
         strategy=build_strategy(strategy),
         executor=build_executor(strategy),
+        precision=entry(strategy).precision,
     )
