@@ -94,7 +94,12 @@ class FewShotExperiment:
             leopard_labels(task, c.leopard_dir)
         if any(FEWSHOT_SETTINGS[s].meta for s in c.settings):
             for task in c.pool_tasks:
-                load_glue_meta(task, "train", c.pool_dir)
+                labels = len(set(load_glue_meta(task, "train", c.pool_dir)["label"]))
+                if c.n_way is not None and c.n_way > labels:
+                    raise ValueError(
+                        f"n_way={c.n_way} is larger than pool task {task!r}'s {labels} labels; lower n_way, use "
+                        "n_way = null (all of a task's classes) or leave the task out of pool_tasks."
+                    )
 
     def _key(self, unit: dict[str, Any]) -> tuple:
         return unit["setting"], unit["task"], unit["k"], unit["episode"]
