@@ -254,7 +254,9 @@ class FewShotResources:
                     writer.close()
             log["seconds"] = time.perf_counter() - began
             self.meta_logs[setting.key] = log
-            trained = groups.pe | groups.backbone if setting.meta == "priming" else groups.pe
+            trained = groups.pe | groups.backbone if setting.meta == "priming" else groups.meta_learned
+            if groups.controller is not None:
+                log["structure"] = groups.controller.choice()
             state = {name: value.cpu() for name, value in trainable_state(model, trained).items()}
             if path is not None:
                 path.parent.mkdir(parents=True, exist_ok=True)
@@ -291,6 +293,10 @@ def evaluate_episode(
     c = config
     backbone = resources.backbone
     model, groups = backbone.build(setting, c.seed, state)
+    if groups.controller is not None:
+        # TAMS: fine-tune the structure meta-training chose (argmax of the architecture weights)
+        groups.controller.discretize()
+        groups.pe = groups.controller.inner
     model.to(device)
     support = episode_batch(backbone.tokenizer, label_ids(train, classes), c.max_length, c.text_prefix)
     support.inputs = {key: value.to(device) for key, value in support.inputs.items()}
