@@ -59,6 +59,10 @@ def test_tiny_run_writes_every_unit_and_verifies(reference, capsys):
     assert (reference / "checkpoints/meta-meta_adapters.pt").is_file()
     assert any((reference / "tensorboard/meta-meta_adapters").iterdir())
     assert "Paired comparisons" in (reference / "table.md").read_text(encoding="utf-8")
+    results = json.loads((reference / "results.json").read_text(encoding="utf-8"))
+    wall = sum(call["wall_seconds"] for call in results["invocations"])
+    assert 0 < results["elapsed_seconds"] <= wall  # meta-training is counted once, inside its unit
+    assert set(results["meta"]) == {"meta_adapters"} and results["meta"]["meta_adapters"]["steps"] == 40
     capsys.readouterr()
     assert cli("verify", str(reference)) == 0
     assert "all 6 units" in capsys.readouterr().out

@@ -157,7 +157,6 @@ class FewShotExperiment:
                 "query_loss_last": log["query_loss"][-1],
                 **({"structure": log["structure"]} if "structure" in log else {}),
             }
-            self.results["elapsed_seconds"] += log["seconds"]
         gold, predicted = result.pop("gold"), result.pop("predictions")
         test = resources.test(result["task"])
         relative = unit_path(setting, result["task"], result["k"], result["episode"])
@@ -175,5 +174,6 @@ class FewShotExperiment:
             if isinstance(result.get(metric), float) and not math.isnan(result[metric]):
                 writer.add_scalar(f"{tag}/{metric}", result[metric], result["episode"])
         self.results["units"].append(result)
+        # meta_seconds is the meta-training this unit waited for (its log's "seconds" are part of it)
         self.results["elapsed_seconds"] += result["seconds"] + result["meta_seconds"]
         self._save()
