@@ -10,6 +10,7 @@ import sys
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "bench": ("benchmarks.cli", "compare gradient strategies: time, memory, fidelity"),
     "ner": ("metakit.experiments.cli", "the priming experiment: cross-lingual WikiAnn NER"),
+    "fewshot": ("metakit.experiments.fewshot.cli", "Meta-Adapters and baselines: few-shot LEOPARD"),
 }
 
 

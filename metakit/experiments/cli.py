@@ -15,33 +15,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import signal
 import sys
 from pathlib import Path
 from typing import Any
 
+from metakit.experiments.commands import int_list, parse_sets, run_guarded, str_list
 from metakit.experiments.config import PRESET_INFO, PRESETS, ExperimentConfig, _check_keys, load_config
 
 __all__ = ["add_arguments", "run"]
-
-
-def _ints(text: str) -> list[int]:
-    try:
-        return [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
-
-
-def _strs(text: str) -> list[str]:
-    return [x.strip() for x in text.split(",") if x.strip()]
-
-
-def _value(text: str) -> Any:
-    """``--set key=value`` values: JSON if it parses (numbers, lists, null, true), else the string."""
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError:
-        return text
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -54,10 +35,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     run_parser.add_argument(
         "--config", help="a .toml or .yaml file of config keys (optionally 'preset = ...')"
     )
-    run_parser.add_argument("--settings", type=_ints, help="e.g. 1,3,4 (default: all seven)")
-    run_parser.add_argument("--langs", type=_strs, help="target languages, e.g. hi,af")
-    run_parser.add_argument("--sources", type=_strs, help="source languages for priming (default en,es)")
-    run_parser.add_argument("--seeds", type=_ints, help="e.g. 0,1,2")
+    run_parser.add_argument("--settings", type=int_list, help="e.g. 1,3,4 (default: all seven)")
+    run_parser.add_argument("--langs", type=str_list, help="target languages, e.g. hi,af")
+    run_parser.add_argument("--sources", type=str_list, help="source languages for priming (default en,es)")
+    run_parser.add_argument("--seeds", type=int_list, help="e.g. 0,1,2")
     run_parser.add_argument("--model", help="hub name or local path; 'e5' (offline) or 'tiny'")
     run_parser.add_argument(
         "--data", help="folder of {split}-{lang}.tsv files; 'hub' for unimelb-nlp/wikiann"
@@ -93,20 +74,8 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
     keys = {k: v for k, v in flags.items() if v is not None}
     if args.data is not None:
         keys["data_dir"] = None if args.data == "hub" else args.data
-    for item in args.set:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise ValueError(f"--set expects KEY=VALUE, got {item!r}.")
-        keys[key.strip()] = _value(value)
+    keys.update(parse_sets(args.set))
     return keys
-
-
-class _Terminated(KeyboardInterrupt):
-    """SIGTERM, raised like Ctrl-C so the same clean-up and message apply."""
-
-
-def _on_sigterm(signum, frame) -> None:
-    raise _Terminated
 
 
 def _config(args: argparse.Namespace) -> ExperimentConfig:
@@ -128,33 +97,25 @@ def _run_experiment(args: argparse.Namespace) -> int:
     from metakit.experiments.report import ResultsFileError
     from metakit.experiments.runner import Experiment
 
-    experiment = None
-    previous = signal.signal(signal.SIGTERM, _on_sigterm)
-    try:
-        experiment = Experiment(_config(args), args.out, resume=args.resume)
-        experiment.run()
-    except KeyboardInterrupt as interrupt:
-        where = experiment.progress() if experiment is not None else "starting"
-        print(
-            f"interrupted after {where}; continue with `metakit ner run --out {args.out} --resume`",
-            file=sys.stderr,
-        )
-        return 143 if isinstance(interrupt, _Terminated) else 130
-    except (
-        ValueError,
-        FileNotFoundError,
-        FileExistsError,
-        ImportError,
-        FolderLockedError,
-        CheckpointError,
-        ResultsFileError,
-    ) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-        if experiment is not None:
-            experiment.close()
+    def start() -> None:
+        start.experiment = Experiment(_config(args), args.out, resume=args.resume)
+        start.experiment.run()
+
+    status = run_guarded(
+        start,
+        errors=(
+            ValueError,
+            FileNotFoundError,
+            FileExistsError,
+            ImportError,
+            FolderLockedError,
+            CheckpointError,
+            ResultsFileError,
+        ),
+        resume_hint=f"metakit ner run --out {args.out} --resume",
+    )
+    if status:
+        return status
     print((Path(args.out) / "table.md").read_text(encoding="utf-8"))
     return 0
 

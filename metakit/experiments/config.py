@@ -225,19 +225,25 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 
 def _same(key: str, a: Any, b: Any) -> bool:
-    if key == "data_dir" and a is not None and b is not None:
+    if key.endswith("_dir") and a is not None and b is not None:
         # The same folder reached from two checkouts ("main/../shared", "wt/../shared") is the same data.
         return Path(a).resolve() == Path(b).resolve()
     return a == b
 
 
-def differing_keys(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
-    """Keys that change results (not the selection) and differ between a saved config and ``current``.
+def differing_keys(
+    saved: dict[str, Any],
+    current: dict[str, Any],
+    defaults: dict[str, Any] | None = None,
+    selection: tuple[str, ...] = SELECTION_KEYS,
+) -> list[str]:
+    """Keys that change results (not the ``selection``) and differ between a saved config and ``current``.
 
-    A key missing from ``saved`` (a folder written before the key existed) counts as its default.
+    A key missing from ``saved`` (a folder written before the key existed) counts as its default
+    (``defaults``: the priming experiment's, unless given).
     """
-    defaults = ExperimentConfig().to_dict()
-    keys = (set(saved) | set(current)) - set(SELECTION_KEYS)
+    defaults = ExperimentConfig().to_dict() if defaults is None else defaults
+    keys = (set(saved) | set(current)) - set(selection)
     return sorted(
         k for k in keys if not _same(k, saved.get(k, defaults.get(k)), current.get(k, defaults.get(k)))
     )

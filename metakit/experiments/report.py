@@ -24,6 +24,7 @@ __all__ = [
     "read_results",
     "render_report",
     "save_predictions",
+    "save_rows",
     "write_json",
 ]
 
@@ -57,7 +58,7 @@ def read_results(path: Path) -> dict[str, Any]:
         data = json.loads(Path(path).read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise ResultsFileError(
-            f"{str(path)!r} does not exist; is this an output folder of `metakit ner run`?"
+            f"{str(path)!r} does not exist; is this an output folder of `metakit ner run` or `metakit fewshot run`?"
         ) from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
         raise ResultsFileError(f"{str(path)!r} is not readable JSON ({error}).") from None
@@ -80,12 +81,22 @@ def save_predictions(
     ``result``, when given, goes first as ``{"result": {...}}``: the unit's F1 and its predictions land
     in one file with one rename, so they can never come from different runs.
     """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    lines = [json.dumps({"result": result}, ensure_ascii=False)] if result is not None else []
-    lines += [
-        json.dumps({"tokens": list(t), "gold": list(g), "predicted": list(p)}, ensure_ascii=False)
+    rows = [
+        {"tokens": list(t), "gold": list(g), "predicted": list(p)}
         for t, g, p in zip(tokens, gold, predicted, strict=True)
     ]
+    save_rows(path, rows, result=result)
+
+
+def save_rows(path: Path, rows: Sequence[dict[str, Any]], *, result: dict[str, Any] | None = None) -> None:
+    """Write ``result`` (if given) as ``{"result": {...}}``, then one JSON line per row, atomically.
+
+    Each row holds at least ``gold`` and ``predicted`` (tag lists for NER, label names for few-shot
+    classification). A ``.gz`` path is gzip-compressed with a fixed timestamp (equal rows, equal bytes).
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lines = [json.dumps({"result": result}, ensure_ascii=False)] if result is not None else []
+    lines += [json.dumps(row, ensure_ascii=False) for row in rows]
     data = ("\n".join(lines) + "\n").encode("utf-8")
     if path.suffix == ".gz":
         data = gzip.compress(data, mtime=0)

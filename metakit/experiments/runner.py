@@ -19,7 +19,6 @@ result and predictions are written together in one file with one rename, and onl
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 from typing import Any
@@ -31,13 +30,11 @@ from tqdm.auto import tqdm
 
 from metakit.experiments.config import ExperimentConfig, differing_keys
 from metakit.experiments.finetune import finetune, predict, sentence_features
-from metakit.experiments.lock import FolderLock
+from metakit.experiments.folder import open_folder, saved_config
 from metakit.experiments.model import Backbone, check_model, fraction, trainable_state
 from metakit.experiments.priming import load_checkpoint, prime
 from metakit.experiments.report import (
-    ResultsFileError,
     environment,
-    read_results,
     render_report,
     save_predictions,
     write_json,
@@ -51,18 +48,6 @@ __all__ = ["Experiment", "saved_config"]
 
 #: Data sub-samples use this seed for every run seed, so seeds differ in initialisation and order only.
 DATA_SEED = 0
-_IGNORED = "checkpoints/\ntensorboard/\n*.tmp\n.lock\n"
-
-
-def saved_config(out_dir: str | Path) -> dict[str, Any] | None:
-    """The config keys an output folder was run with (its ``config.json``), or ``None`` if it has none."""
-    path = Path(out_dir) / "config.json"
-    if not path.is_file():
-        return None
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))["config"]
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as error:
-        raise ResultsFileError(f"{str(path)!r} is not a readable experiment config ({error}).") from None
 
 
 class Experiment:
@@ -83,17 +68,14 @@ class Experiment:
         self.results_path = self.out / "results.json"
         self.activity = "starting"
         self._check_inputs()  # before anything is written, so a failed start leaves no folder behind
-        self.lock = FolderLock(self.out)
-        created = not self.out.exists()
-        self.lock.acquire()
-        try:
-            self.results = self._open(resume)
-        except BaseException:
-            self.close()
-            if created:  # nothing of ours is in it but the lock file
-                (self.out / ".lock").unlink(missing_ok=True)
-                self.out.rmdir()
-            raise
+        self.lock, self.results = open_folder(
+            self.out,
+            config.to_dict(),
+            config.fingerprint(),
+            differing=lambda saved: differing_keys(saved, config.to_dict()),
+            resume=resume,
+            empty={"units": [], "priming": {}, "elapsed_seconds": 0.0},
+        )
 
     def close(self) -> None:
         """Release the output folder."""
@@ -116,29 +98,6 @@ class Experiment:
         for lang in c.targets:
             wikiann_path(c.data_dir, lang, "train")
             wikiann_path(c.data_dir, lang, "test")
-
-    def _open(self, resume: bool) -> dict[str, Any]:
-        config_path = self.out / "config.json"
-        results: dict[str, Any] = {"units": [], "priming": {}, "elapsed_seconds": 0.0}
-        if config_path.is_file():
-            if not resume:
-                raise FileExistsError(
-                    f"{str(self.out)!r} already holds an experiment; pass --resume to continue it or choose "
-                    "another --out."
-                )
-            changed = differing_keys(saved_config(self.out), self.config.to_dict())
-            if changed:
-                raise ValueError(
-                    f"Cannot resume {str(self.out)!r}: it was run with a different config (keys that differ: "
-                    f"{changed}). Use the same preset, file and flags, or another --out."
-                )
-            if self.results_path.is_file():
-                results = read_results(self.results_path)
-        self.out.mkdir(parents=True, exist_ok=True)
-        (self.out / ".gitignore").write_text(_IGNORED, encoding="utf-8")
-        # The selection (settings, targets, seeds) is the latest run's, so `--resume` alone continues it.
-        write_json(config_path, {"fingerprint": self.config.fingerprint(), "config": self.config.to_dict()})
-        return results
 
     def done(self, setting: int, lang: str, seed: int) -> bool:
         """Whether the unit has a result on disk."""

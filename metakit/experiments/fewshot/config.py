@@ -44,7 +44,10 @@ class FewShotConfig:
             the first text (e5 was trained with ``"query: "``).
         head_init: the prototype head's start, ``"euclidean"`` (W = 2P, b = −‖P‖²) or ``"mean"`` (W = P).
         max_classes: rows of the prototype head's offset (the most classes of any episode).
-        bottleneck: Houlsby adapter width; lora_rank, lora_alpha: LoRA on the query and value projections.
+        bottleneck: Houlsby adapter width (also TAMS's adapter candidate); lora_rank, lora_alpha: LoRA on
+            the query and value projections; tarp_rank: TARP's rank (on the query and value projections,
+            and TAMS's TARP candidate); tams_candidates: TAMS's candidate structures per sublayer
+            (attention-output and feed-forward-output projections).
         freeze_word_embeddings: keep the word-embedding matrix fixed everywhere (most of e5's weights).
     Meta-training on the pool (settings d, e, f2), shared by every unit of a setting:
         meta_steps, meta_batch (episodes per step), n_way (``None``: all of a task's classes), k_shot,
@@ -76,6 +79,8 @@ class FewShotConfig:
     bottleneck: int = 64
     lora_rank: int = 8
     lora_alpha: float = 16.0
+    tarp_rank: int = 4
+    tams_candidates: list[str] = field(default_factory=lambda: ["frozen", "tarp", "adapter"])
     freeze_word_embeddings: bool = True
     meta_steps: int = 1000
     meta_batch: int = 4
@@ -134,6 +139,7 @@ class FewShotConfig:
             "inner_steps",
             "ft_steps",
             "ft_batch_size",
+            "tarp_rank",
         ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}.")
@@ -141,6 +147,13 @@ class FewShotConfig:
             raise ValueError(f"n_way must be None or in 2..max_classes={self.max_classes}, got {self.n_way}.")
         if not (self.settings and self.tasks and self.shots and self.episodes):
             raise ValueError("settings, tasks, shots and episodes must each name at least one value.")
+        from metakit.peft.tams import CANDIDATES
+
+        unknown = [name for name in self.tams_candidates if name not in CANDIDATES]
+        if not self.tams_candidates or unknown:
+            raise ValueError(
+                f"tams_candidates must name at least one of {sorted(CANDIDATES)}, got {self.tams_candidates}."
+            )
         missing = sorted({"full", "head", "pe"} - set(self.hp_grid))
         if missing:
             raise ValueError(f"hp_grid lacks candidate learning rates for {missing}.")
@@ -240,6 +253,7 @@ FEWSHOT_PRESETS: dict[str, dict[str, Any]] = {
         "pool_examples": 60,
         "bottleneck": 8,
         "lora_rank": 2,
+        "tarp_rank": 2,
         "meta_steps": 2,
         "meta_batch": 2,
         "n_way": 2,

@@ -1,8 +1,11 @@
-"""Meta-training on the GLUE-style pool: Meta-Adapters (settings d, f2) and priming (setting e).
+"""Meta-training on the GLUE-style pool: Meta-Adapters (settings d, f2, g1, g2) and priming (setting e).
 
 Every episode is an N-way k-shot task from one pool dataset, its head started from the support set's
 prototypes (:mod:`metakit.prototype`). Meta-Adapters use :func:`metakit.recipes.meta_adapters` (inner:
-PE modules + head; outer: PE modules; backbone frozen); priming uses :func:`metakit.recipes.priming`
+PE modules + head; outer: PE modules; backbone frozen), TARP (g1: inner = task factors + head; outer
+= task factors' start + shared factors + generator) and TARP+TAMS (g2, :func:`metakit.recipes.tams`:
+inner = candidates' task parameters + head; outer = those + TARP's shared parts + architecture
+weights), all with the same budget; priming uses :func:`metakit.recipes.priming`
 (inner: PE modules + head; outer: backbone + PE modules; first order, Algorithm 1). The head's offset is
 reset to zero after every meta-step: tasks have different label sets, so no head value carries over.
 """
@@ -23,6 +26,8 @@ from metakit.experiments.fewshot.config import FewShotConfig
 from metakit.experiments.fewshot.data import episode_batch
 from metakit.experiments.fewshot.model import FewShotGroups
 from metakit.experiments.fewshot.settings import FewShotSetting
+from metakit.inner import InnerLoop
+from metakit.learner import MetaLearner
 from metakit.prototype import PrototypeClassifier, prototype_loss
 from metakit.strategies import FirstOrder, SecondOrder
 from metakit.task import Task
@@ -71,10 +76,23 @@ def meta_train(
     inner_opt = torchopt.sgd(lr=c.inner_lr)
     if setting.meta == "meta_adapters":
         strategy = SecondOrder() if c.meta_strategy == "second" else FirstOrder()
-        learner = recipes.meta_adapters(
-            model, prototype_loss, adapters=groups.pe, head=groups.head, steps=c.inner_steps,
-            strategy=strategy, optimizer=inner_opt,
-        )  # fmt: skip
+        if setting.pe == "tams":
+            learner = recipes.tams(
+                model, prototype_loss, controller=groups.controller, head=groups.head, steps=c.inner_steps,
+                strategy=strategy, optimizer=inner_opt,
+            )  # fmt: skip
+        elif setting.pe == "tarp":
+            # As the paper assigns them: task factors adapt in the inner loop (and their start is
+            # meta-learned, as Meta-Adapters' adapters are); shared factors and generator are outer only.
+            learner = MetaLearner(
+                model, prototype_loss, inner=InnerLoop(groups.pe | groups.head, inner_opt, c.inner_steps),
+                outer_params=groups.pe_outer | groups.pe, strategy=strategy, inner_only="keep",
+            )  # fmt: skip
+        else:
+            learner = recipes.meta_adapters(
+                model, prototype_loss, adapters=groups.pe, head=groups.head, steps=c.inner_steps,
+                strategy=strategy, optimizer=inner_opt,
+            )  # fmt: skip
         optimizer = torch.optim.AdamW(learner.outer_parameters(), lr=c.outer_lr)
     else:
         learner = recipes.priming(

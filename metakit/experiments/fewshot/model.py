@@ -1,8 +1,10 @@
 """The few-shot model: a pretrained encoder (loaded once), copied per run with its PE modules and head.
 
 Parameter groups of a run's :class:`~metakit.prototype.PrototypeClassifier`: ``backbone`` (the encoder's
-own weights less what stays frozen), ``pe`` (Houlsby adapters or LoRA, if the setting has them), ``head``
-(the prototype head's offset) and ``frozen`` (the word embeddings when configured).
+own weights less what stays frozen), ``pe`` (Houlsby adapters, LoRA, TARP's task factors or TAMS's
+task-adaptive candidates, if the setting has them), ``pe_outer`` (TARP's shared factors and generator,
+TAMS's architecture weights), ``head`` (the prototype head's offset) and ``frozen`` (the word embeddings
+when configured).
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import copy
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from transformers import AutoModel, AutoTokenizer, BertConfig, BertModel, PreTrainedTokenizerBase
@@ -19,6 +22,9 @@ from metakit.experiments.fewshot.settings import FewShotSetting
 from metakit.experiments.model import resolve_model_path
 from metakit.prototype import PrototypeClassifier
 from metakit.spec import Spec, everything, nothing, select
+
+if TYPE_CHECKING:
+    from metakit.peft import TamsController
 
 __all__ = ["FewShotBackbone", "FewShotGroups"]
 
@@ -33,6 +39,16 @@ class FewShotGroups:
     pe: Spec | None
     head: Spec
     frozen: Spec
+    #: Outer-only PE parameters (TARP's shared factors and generator, TAMS's architecture weights):
+    #: meta-learned, never tuned on an episode.
+    pe_outer: Spec | None = None
+    #: The TAMS controller (setting ``meta_tams``), to :meth:`~metakit.peft.TamsController.discretize`.
+    controller: TamsController | None = None
+
+    @property
+    def meta_learned(self) -> Spec:
+        """What meta-training on the pool learns in the PE modules (their start and outer-only parts)."""
+        return self.pe | self.pe_outer if self.pe_outer is not None else self.pe
 
     def tuned(self, setting: FewShotSetting) -> Spec:
         """What fine-tuning on an episode updates in ``setting``."""
@@ -84,19 +100,29 @@ class FewShotBackbone:
         self, setting: FewShotSetting, seed: int, state: Mapping[str, torch.Tensor] | None = None
     ) -> tuple[PrototypeClassifier, FewShotGroups]:
         """A fresh classifier for ``setting``: encoder copy, PE modules from ``seed``, then ``state`` by name."""
-        from metakit.peft import add_houlsby_adapters, add_lora
+        from metakit.peft import add_houlsby_adapters, add_lora, add_tams, add_tarp
 
         c = self.config
         torch.manual_seed(seed)
         model = PrototypeClassifier(copy.deepcopy(self.encoder), self.hidden_size, c.max_classes, c.head_init)
         pe: Spec | None = None
+        pe_outer: Spec | None = None
+        controller = None
         if setting.pe == "houlsby":
             pe = add_houlsby_adapters(model, bottleneck=c.bottleneck)
         elif setting.pe == "lora":
             pe = add_lora(model, rank=c.lora_rank, alpha=c.lora_alpha)
+        elif setting.pe == "tarp":
+            tarp = add_tarp(model, rank=c.tarp_rank)
+            pe, pe_outer = tarp.inner, tarp.outer
+        elif setting.pe == "tams":
+            controller = add_tams(
+                model, candidates=tuple(c.tams_candidates), rank=c.tarp_rank, bottleneck=c.bottleneck
+            )
+            pe, pe_outer = controller.inner, controller.outer
         head = PrototypeClassifier.head_spec()
         frozen = WORD_EMBEDDINGS if c.freeze_word_embeddings else nothing()
-        backbone = everything() - head - (pe or nothing()) - frozen
+        backbone = everything() - head - (pe or nothing()) - (pe_outer or nothing()) - frozen
         if state is not None:
             params = dict(model.named_parameters())
             unknown = sorted(set(state) - set(params))
@@ -109,4 +135,7 @@ class FewShotBackbone:
         for name, param in model.named_parameters():
             param.requires_grad_(name not in frozen_names)
         model.eval()
-        return model, FewShotGroups(backbone=backbone, pe=pe, head=head, frozen=frozen)
+        groups = FewShotGroups(
+            backbone=backbone, pe=pe, head=head, frozen=frozen, pe_outer=pe_outer, controller=controller
+        )
+        return model, groups

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 import statistics
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Sequence
 from typing import Any
 
@@ -20,7 +20,7 @@ from scipy import stats
 
 from metakit.experiments.fewshot.settings import FEWSHOT_SETTINGS
 
-__all__ = ["fewshot_table", "paired_comparison"]
+__all__ = ["COMPARISONS", "fewshot_table", "paired_comparison", "render_fewshot_report"]
 
 
 def _cell(values: Sequence[float]) -> str:
@@ -99,3 +99,76 @@ def paired_comparison(
         )
         result["ci95"] = (float(result["mean_difference"] - half), float(result["mean_difference"] + half))
     return result
+
+
+#: The paired comparisons the report shows: (a, b) means "a against b".
+COMPARISONS = (
+    ("meta_adapters", "adapters"),
+    ("meta_adapters", "priming"),
+    ("meta_lora", "lora"),
+    ("meta_tarp", "meta_adapters"),
+    ("meta_tams", "meta_adapters"),
+    ("meta_tams", "meta_tarp"),
+)
+
+
+def _comparison_rows(units: Sequence[dict[str, Any]]) -> list[str]:
+    present = {unit["setting"] for unit in units}
+    rows = []
+    for a, b in COMPARISONS:
+        if a not in present or b not in present:
+            continue
+        for metric in ("accuracy", "macro_f1"):
+            r = paired_comparison(units, a, b, metric)
+            ci = "–" if r["ci95"] is None else f"[{100 * r['ci95'][0]:+.1f}, {100 * r['ci95'][1]:+.1f}]"
+            label = f"({FEWSHOT_SETTINGS[a].letter}) {a} vs ({FEWSHOT_SETTINGS[b].letter}) {b}"
+            rows.append(
+                f"| {label} | {metric} | {r['pairs']} | {r['wins']}/{r['losses']}/{r['ties']} | "
+                f"{100 * r['mean_difference']:+.1f} | {ci} |"
+            )
+    if not rows:
+        return []
+    return [
+        "**Paired comparisons** over tasks × k × episodes (difference × 100, a − b; 95% Student-t interval)\n",
+        "| a vs b | metric | pairs | wins/losses/ties | mean difference | 95% CI |",
+        "|---|---|---|---|---|---|",
+        *rows,
+        "",
+    ]
+
+
+def render_fewshot_report(results: dict[str, Any]) -> str:
+    """The markdown of a results dict: accuracy and macro-F1 tables, paired comparisons, notes."""
+    units = results["units"]
+    out = ["# Few-shot results (LEOPARD)\n"]
+    if not units:
+        return "\n".join([*out, "No finished unit yet."]) + "\n"
+    out += [fewshot_table(units, "accuracy"), fewshot_table(units, "macro_f1"), *_comparison_rows(units)]
+    if results.get("meta"):
+        out.append("**Meta-training** (on the pool, once per setting)\n")
+        out.append("| setting | steps | seconds | query loss first → last |")
+        out.append("|---|---|---|---|")
+        for key, log in results["meta"].items():
+            out.append(
+                f"| {key} | {log['steps']} | {log['seconds']:.0f} | "
+                f"{log['query_loss_first']:.3f} → {log['query_loss_last']:.3f} |"
+            )
+            if log.get("structure"):
+                counts = Counter(log["structure"].values())
+                out.append(f"| {key}: structure chosen | | | {dict(sorted(counts.items()))} |")
+        out.append("")
+    unseen = Counter()
+    for unit in units:
+        unseen.update(unit.get("unseen_test_labels", {}))
+    if unseen:
+        out.append(
+            f"Test labels that a unit's episode never shows (counted, not scored): {dict(sorted(unseen.items()))}."
+        )
+    for task, k, episode in results.get("skipped", []):
+        out.append(f"Skipped {task} k={k} episode {episode}: its file is empty upstream.")
+    wall = sum(call["wall_seconds"] for call in results.get("invocations", []))
+    out.append(
+        f"\n{len(units)} units; wall time {wall / 60:.1f} min over {len(results.get('invocations', []))} "
+        "invocation(s)."
+    )
+    return "\n".join(out) + "\n"

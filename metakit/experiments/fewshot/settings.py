@@ -1,4 +1,8 @@
-"""The few-shot settings (a)–(f): what is meta-trained on the pool first, what each episode tunes."""
+"""The few-shot settings (a)–(g): what is meta-trained on the pool first, what each episode tunes.
+
+(a)–(f) are issue 14's; (g1) TARP and (g2) TARP+TAMS are issue 15's, meta-trained with the same budget
+as Meta-Adapters (the config's ``meta_steps``, ``meta_batch``, ``inner_steps``, ``outer_lr``, ``meta_strategy``).
+"""
 
 from __future__ import annotations
 
@@ -16,7 +20,9 @@ class FewShotSetting:
         key: the name used in configs, results and on the command line.
         letter: the issue's label, (a)–(f).
         label: a readable name.
-        pe: the parameter-efficient modules the model carries: ``"houlsby"``, ``"lora"`` or ``None``.
+        pe: the parameter-efficient modules the model carries: ``"houlsby"``, ``"lora"``, ``"tarp"``
+            (:func:`metakit.peft.add_tarp`), ``"tams"`` (:func:`metakit.peft.add_tams`: a TAMS controller
+            over frozen / TARP / adapter sublayers, discretized before fine-tuning) or ``None``.
         meta: what runs on the meta-training pool first: ``"meta_adapters"`` (the PE modules meta-learned
             with the backbone frozen), ``"priming"`` (Algorithm 1: backbone and PE modules primed) or ``None``.
         tune: what each episode fine-tunes (always with the prototype head): ``"full"`` (encoder),
@@ -26,7 +32,7 @@ class FewShotSetting:
     key: str
     letter: str
     label: str
-    pe: Literal["houlsby", "lora"] | None
+    pe: Literal["houlsby", "lora", "tarp", "tams"] | None
     meta: Literal["meta_adapters", "priming"] | None
     tune: Literal["full", "head", "pe"]
 
@@ -41,5 +47,8 @@ FEWSHOT_SETTINGS: dict[str, FewShotSetting] = {
         FewShotSetting("priming", "e", "Priming → adapter tuning", "houlsby", "priming", "pe"),
         FewShotSetting("lora", "f1", "LoRA from scratch", "lora", None, "pe"),
         FewShotSetting("meta_lora", "f2", "Meta-learned LoRA", "lora", "meta_adapters", "pe"),
+        # Issue 15 item 5: "Meta-Learning the Difference" (Hou et al., 2022), the same meta-training budget.
+        FewShotSetting("meta_tarp", "g1", "Meta-learned TARP", "tarp", "meta_adapters", "pe"),
+        FewShotSetting("meta_tams", "g2", "Meta-learned TARP+TAMS", "tams", "meta_adapters", "pe"),
     )
 }

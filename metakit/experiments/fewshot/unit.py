@@ -24,6 +24,7 @@ from typing import Any
 import torch
 from datasets import Dataset
 from sklearn.metrics import accuracy_score, f1_score
+from torch.utils.tensorboard import SummaryWriter
 
 from metakit.experiments.fewshot.config import FewShotConfig
 from metakit.experiments.fewshot.data import at_max_length, episode_batch, input_batches
@@ -98,14 +99,21 @@ class FewShotResources:
         config: the experiment config.
         checkpoint_dir: where meta-trained weights are saved (``meta-{setting}.pt``) and found again;
             ``None`` keeps them in memory only.
+        log_dir: where meta-training writes its TensorBoard losses (``meta-{setting}``); ``None``: nowhere.
     """
 
-    def __init__(self, config: FewShotConfig, checkpoint_dir: str | Path | None = None):
+    def __init__(
+        self,
+        config: FewShotConfig,
+        checkpoint_dir: str | Path | None = None,
+        log_dir: str | Path | None = None,
+    ):
         from datasets.utils.logging import disable_progress_bar
 
         disable_progress_bar()  # one bar per tiny select()/filter() drowns the experiment's own bars
         self.config = config
         self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
+        self.log_dir = Path(log_dir) if log_dir is not None else None
         self._backbone: FewShotBackbone | None = None
         self._episodes: dict[tuple[str, int, int], Dataset | None] = {}
         self._tests: dict[str, Dataset] = {}
@@ -235,12 +243,20 @@ class FewShotResources:
             model, groups = self.backbone.build(setting, self.config.seed)
             model.to(device)
             began = time.perf_counter()
-            log = meta_train(
-                self.config, setting, model, groups, self.backbone.tokenizer, self.pool(), device=device
-            )
+            writer = SummaryWriter(str(self.log_dir / f"meta-{setting.key}")) if self.log_dir else None
+            try:
+                log = meta_train(
+                    self.config, setting, model, groups, self.backbone.tokenizer, self.pool(),
+                    writer=writer, device=device,
+                )  # fmt: skip
+            finally:
+                if writer is not None:
+                    writer.close()
             log["seconds"] = time.perf_counter() - began
             self.meta_logs[setting.key] = log
-            trained = groups.pe | groups.backbone if setting.meta == "priming" else groups.pe
+            trained = groups.pe | groups.backbone if setting.meta == "priming" else groups.meta_learned
+            if groups.controller is not None:
+                log["structure"] = groups.controller.choice()
             state = {name: value.cpu() for name, value in trainable_state(model, trained).items()}
             if path is not None:
                 path.parent.mkdir(parents=True, exist_ok=True)
@@ -277,6 +293,10 @@ def evaluate_episode(
     c = config
     backbone = resources.backbone
     model, groups = backbone.build(setting, c.seed, state)
+    if groups.controller is not None:
+        # TAMS: fine-tune the structure meta-training chose (argmax of the architecture weights)
+        groups.controller.discretize()
+        groups.pe = groups.controller.inner
     model.to(device)
     support = episode_batch(backbone.tokenizer, label_ids(train, classes), c.max_length, c.text_prefix)
     support.inputs = {key: value.to(device) for key, value in support.inputs.items()}

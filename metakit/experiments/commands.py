@@ -1,0 +1,91 @@
+"""Command-line pieces shared by ``metakit ner`` and ``metakit fewshot``: list flags, ``--set``, clean stops.
+
+Example:
+    >>> parse_sets(["ft_steps=8", "tasks=[\\"scitail\\"]"])
+    {'ft_steps': 8, 'tasks': ['scitail']}
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import sys
+from collections.abc import Callable
+from typing import Any
+
+__all__ = ["Terminated", "int_list", "parse_sets", "run_guarded", "str_list"]
+
+
+def int_list(text: str) -> list[int]:
+    """``"0,1,2"`` → ``[0, 1, 2]`` (an argparse type)."""
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def str_list(text: str) -> list[str]:
+    """``"hi, af"`` → ``["hi", "af"]`` (an argparse type)."""
+    return [x.strip() for x in text.split(",") if x.strip()]
+
+
+def _value(text: str) -> Any:
+    """``--set key=value`` values: JSON if it parses (numbers, lists, null, true), else the string."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def parse_sets(items: list[str]) -> dict[str, Any]:
+    """The ``--set KEY=VALUE`` flags as config keys; a flag without ``=`` raises ``ValueError``."""
+    keys = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ValueError(f"--set expects KEY=VALUE, got {item!r}.")
+        keys[key.strip()] = _value(value)
+    return keys
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised like Ctrl-C so the same clean-up and message apply."""
+
+
+def _on_sigterm(signum, frame) -> None:
+    raise Terminated
+
+
+def run_guarded(
+    start: Callable[[], Any],
+    *,
+    errors: tuple[type[BaseException], ...],
+    resume_hint: str,
+) -> int:
+    """Run an experiment with clean stops: ``start()`` returns the experiment, which it has run.
+
+    ``start`` gets no experiment back on an interruption, so it should store the experiment it built
+    on itself as ``start.experiment`` (for ``progress()`` and ``close()``) before running it.
+
+    Returns:
+        0 when it finished; 130 on Ctrl-C, 143 on SIGTERM (a line saying where it stopped and how to
+        resume); 2 with one ``error:`` line for any of ``errors``.
+    """
+    previous = signal.signal(signal.SIGTERM, _on_sigterm)
+    try:
+        start()
+    except KeyboardInterrupt as interrupt:
+        experiment = getattr(start, "experiment", None)
+        where = experiment.progress() if experiment is not None else "starting"
+        print(f"interrupted after {where}; continue with `{resume_hint}`", file=sys.stderr)
+        return 143 if isinstance(interrupt, Terminated) else 130
+    except errors as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        experiment = getattr(start, "experiment", None)
+        if experiment is not None:
+            experiment.close()
+    return 0

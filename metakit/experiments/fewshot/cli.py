@@ -1,0 +1,170 @@
+"""``metakit fewshot``: Meta-Adapters and its baselines on LEOPARD from the command line.
+
+Usage::
+
+    metakit fewshot run --preset cpu-quick --out runs/quick                       # a few minutes
+    metakit fewshot run --preset cpu --settings adapters,meta_adapters --out runs/x
+    metakit fewshot run --config exp.toml --tasks scitail --shots 8 --set ft_steps=16 --out runs/y
+    metakit fewshot run --out runs/x --resume                                     # continue with its config
+    metakit fewshot verify runs/x                                                 # recompute every score
+    metakit fewshot table runs/x --write                                          # re-render the table
+    metakit fewshot presets                                                       # list presets and keys
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from metakit.experiments.commands import int_list, parse_sets, run_guarded, str_list
+from metakit.experiments.fewshot.config import FEWSHOT_PRESETS, FewShotConfig, load_fewshot_config
+
+__all__ = ["add_arguments", "run"]
+
+PRESET_PURPOSE = {
+    "paper": "every task, k in {4, 8, 16}, 10 episodes, full test sets, exact meta-gradients: a GPU",
+    "cpu": "all twelve tasks at k = 8, 16, episodes 0-1, 100 test examples per task: ~80-85 min for (a)-(f) "
+    "on 1 CPU thread (estimated); (g1) TARP and (g2) TARP+TAMS add ~30-35 min",
+    "cpu-quick": "three tasks, k = 8, episode 0, 100 test examples: ~9 min for all nine settings, 1 CPU thread",
+    "tiny": "a random tiny BERT; plumbing checks for tests, seconds",
+}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Register ``run``, ``verify``, ``table`` and ``presets`` under ``metakit fewshot``."""
+    commands = parser.add_subparsers(dest="fewshot_command", required=True, metavar="ACTION")
+    run_parser = commands.add_parser("run", help="run (or resume) settings × tasks × k × episodes")
+    run_parser.add_argument(
+        "--preset", choices=sorted(FEWSHOT_PRESETS), help="starting point (default: the file's, else cpu)"
+    )
+    run_parser.add_argument(
+        "--config", help="a .toml or .yaml file of config keys (optionally 'preset = ...')"
+    )
+    run_parser.add_argument("--settings", type=str_list, help="e.g. adapters,meta_adapters (default: all)")
+    run_parser.add_argument("--tasks", type=str_list, help="LEOPARD tasks, e.g. scitail,airline")
+    run_parser.add_argument("--shots", type=int_list, help="k per class, from 4,8,16")
+    run_parser.add_argument("--episodes", type=int_list, help="episode numbers, e.g. 0,1")
+    run_parser.add_argument("--model", help="'e5' (offline), 'tiny', or a local path / hub name")
+    run_parser.add_argument("--threads", type=int, help="torch threads (0: torch's default)")
+    run_parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="any config key")
+    run_parser.add_argument("--out", required=True, help="output folder")
+    run_parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue a folder with its saved config (no need to repeat --preset or flags); finished "
+        "units are skipped",
+    )
+    table_parser = commands.add_parser("table", help="render the markdown report of an output folder")
+    table_parser.add_argument("out")
+    table_parser.add_argument("--write", action="store_true", help="also rewrite OUT/table.md")
+    verify_parser = commands.add_parser(
+        "verify", help="recompute every accuracy and macro-F1 from its predictions; exit 1 on a mismatch"
+    )
+    verify_parser.add_argument("out")
+    commands.add_parser("presets", help="list the presets")
+
+
+def _overrides(args: argparse.Namespace) -> dict[str, Any]:
+    flags = {
+        "settings": args.settings,
+        "tasks": args.tasks,
+        "shots": args.shots,
+        "episodes": args.episodes,
+        "model": args.model,
+        "threads": args.threads,
+    }
+    keys = {k: v for k, v in flags.items() if v is not None}
+    keys.update(parse_sets(args.set))
+    return keys
+
+
+def _config(args: argparse.Namespace) -> FewShotConfig:
+    """The run's config; ``--resume`` without ``--preset``/``--config`` starts from the folder's saved one."""
+    from metakit.experiments.folder import saved_config
+
+    overrides = _overrides(args)
+    saved = saved_config(args.out) if args.resume and not (args.preset or args.config) else None
+    if saved is None:
+        return load_fewshot_config(args.preset, args.config, overrides)
+    known = set(FewShotConfig.__dataclass_fields__)
+    unknown = sorted(set(overrides) - known)
+    if unknown:
+        raise ValueError(
+            f"Unknown config keys {unknown} in the command-line overrides; known keys: {sorted(known)}."
+        )
+    return FewShotConfig(**{**{k: v for k, v in saved.items() if k in known}, **overrides})
+
+
+def _run_experiment(args: argparse.Namespace) -> int:
+    from metakit.experiments.fewshot.runner import FewShotExperiment
+    from metakit.experiments.lock import FolderLockedError
+    from metakit.experiments.report import ResultsFileError
+
+    def start() -> None:
+        start.experiment = FewShotExperiment(_config(args), args.out, resume=args.resume)
+        start.experiment.run()
+
+    status = run_guarded(
+        start,
+        errors=(
+            ValueError,
+            FileNotFoundError,
+            FileExistsError,
+            ImportError,
+            FolderLockedError,
+            ResultsFileError,
+        ),
+        resume_hint=f"metakit fewshot run --out {args.out} --resume",
+    )
+    if status:
+        return status
+    print((Path(args.out) / "table.md").read_text(encoding="utf-8"))
+    return 0
+
+
+def run(args: argparse.Namespace) -> int:
+    """Dispatch ``metakit fewshot ACTION``; returns the exit status."""
+    if args.fewshot_command == "presets":
+        for name, keys in FEWSHOT_PRESETS.items():
+            print(f"{name}\n  purpose: {PRESET_PURPOSE[name]}")
+            print("  keys:    " + ", ".join(f"{k}={json.dumps(v)}" for k, v in keys.items()) + "\n")
+        print(
+            "Use one with `metakit fewshot run --preset NAME --out DIR`; override keys with --set KEY=VALUE."
+        )
+        return 0
+    from metakit.experiments.report import ResultsFileError, read_results
+
+    if args.fewshot_command == "verify":
+        from metakit.experiments.fewshot.verify import verify_fewshot_folder
+
+        try:
+            problems = verify_fewshot_folder(args.out)
+            units = len(read_results(Path(args.out) / "results.json")["units"])
+        except ResultsFileError as error:
+            print(f"error: {error}", file=sys.stderr)
+            return 2
+        for line in problems:
+            print(f"MISMATCH {line}", file=sys.stderr)
+        if problems:
+            print(f"verify: {len(problems)} problem(s) in {args.out}", file=sys.stderr)
+            return 1
+        print(
+            f"verify: all {units} units of {args.out} match sklearn's accuracy and macro-F1 of their predictions"
+        )
+        return 0
+    if args.fewshot_command == "table":
+        from metakit.experiments.fewshot.report import render_fewshot_report
+
+        try:
+            report = render_fewshot_report(read_results(Path(args.out) / "results.json"))
+        except ResultsFileError as error:
+            print(f"error: {error}", file=sys.stderr)
+            return 2
+        if args.write:
+            (Path(args.out) / "table.md").write_text(report, encoding="utf-8")
+        print(report)
+        return 0
+    return _run_experiment(args)
