@@ -188,9 +188,11 @@ FEWSHOT_PRESETS: dict[str, dict[str, Any]] = {
     # 1 thread: adapters/LoRA/full ~12-15 s, head ~1.4 s, a meta-step ~6.5 s; 288 + 48 units, 3 x 30
     # meta-steps, the learning-rate search ~6 min): k = 8 and 16, episodes 0 and 1, 100 test examples
     # per task (seeded, stratified), max length 48, 8 fine-tuning steps, first-order meta-training.
-    # Three episodes (the example) would need ~110 minutes.
+    # Three episodes (the example) would need ~110 minutes. TARP and TARP+TAMS (~35 minutes more)
+    # run as a second invocation: `metakit fewshot run --out DIR --resume --settings meta_tarp,meta_tams`.
     "cpu": {
         "model": "e5",
+        "settings": [s for s in FEWSHOT_SETTINGS if s not in ("meta_tarp", "meta_tams")],
         "shots": [8, 16],
         "episodes": [0, 1],
         "test_examples": 100,
