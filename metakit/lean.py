@@ -13,8 +13,8 @@ every step's activations until the outer backward pass:
   along ``v``. Memory: S × (inner parameters + optimizer state + gradient) plus one step's
   activations.
 - :func:`unroll_checkpointed` (``SecondOrder(checkpoint=k)``): the usual reverse-over-reverse
-  graph, recomputed in segments of ``k`` steps by :func:`torch.utils.checkpoint.checkpoint`
-  (non-reentrant). Memory grows like S/k segment boundaries plus one segment's k steps.
+  graph, recomputed in segments of ``k`` steps during the backward pass, each segment freed once its
+  adjoints are through. Memory grows like S/k segment boundaries plus one segment's k steps.
 
 Both give the same meta-gradient as differentiating a ``create_graph=True`` unroll. Random ops
 (dropout) see the same random numbers when a step is recomputed.
@@ -29,7 +29,6 @@ from typing import Any
 
 import optree
 import torch
-from torch.utils.checkpoint import checkpoint
 
 from metakit.functional import double_backward_safe
 from metakit.inner import (
@@ -352,6 +351,84 @@ def unroll_forward_over_reverse(
 
 
 # -- checkpointed segments ------------------------------------------------------------------------
+@dataclass
+class _Segment:
+    """The non-tensor part of one recomputed segment of inner steps."""
+
+    inner: InnerLoop
+    objective: Objective
+    batch: Any
+    constants: Params
+    layout: _Layout
+    first: int
+    count: int
+    task_index: int
+    random: _RandomState | None = None
+
+    def run(self, flat: Sequence[torch.Tensor], *, create_graph: bool):
+        """``count`` steps from the segment's inputs: (params, state leaves, losses)."""
+        layout = self.layout
+        params, state_leaves, context, lr = layout.split(flat)
+        current, state = layout.params(params), layout.state(state_leaves)
+        full_context = {**self.constants, **layout.context(context)}
+        losses = []
+        for index in range(self.first, self.first + self.count):
+            current, state, loss = self.inner.step(
+                current,
+                state,
+                self.batch,
+                full_context,
+                create_graph=create_graph,
+                objective=self.objective,
+                lr_scales=layout.lr_scales(lr),
+                where=f"support loss of task {self.task_index} at inner step {index}",
+            )
+            if not create_graph:
+                current = fresh_leaves(current)
+            losses.append(loss.detach())
+        return list(current.values()), optree.tree_leaves(state), torch.stack(losses)
+
+
+class _RecomputedSegment(torch.autograd.Function):
+    """Inner steps whose forward keeps only the segment's inputs; the backward pass rebuilds the
+    segment's reverse-over-reverse graph, pulls the adjoints through it and frees it."""
+
+    @staticmethod
+    def forward(ctx, segment: _Segment, *flat: torch.Tensor):  # type: ignore[override]
+        segment.random = _RandomState(list(flat))
+        with torch.enable_grad(), double_backward_safe():  # the kernel the recomputation uses
+            leaves = [x.detach().requires_grad_(True) if x.is_floating_point() else x for x in flat]
+            params, state_leaves, losses = segment.run(leaves, create_graph=False)
+        params = [p.detach() for p in params]
+        state_leaves = [leaf.detach() for leaf in state_leaves]
+        ctx.segment = segment
+        ctx.save_for_backward(*flat)
+        ctx.mark_non_differentiable(losses, *(leaf for leaf in state_leaves if not leaf.is_floating_point()))
+        return (*params, *state_leaves, losses)
+
+    @staticmethod
+    def backward(ctx, *adjoints: torch.Tensor | None):  # type: ignore[override]
+        segment: _Segment = ctx.segment
+        flat = ctx.saved_tensors
+        assert segment.random is not None
+        with torch.enable_grad(), segment.random.restored(), double_backward_safe():
+            inputs = [x.detach().requires_grad_(True) if x.is_floating_point() else x.detach() for x in flat]
+            params, state_leaves, _ = segment.run(inputs, create_graph=True)
+            outputs, out_adjoints = [], []
+            for output, adjoint in zip([*params, *state_leaves], adjoints[:-1], strict=True):
+                if adjoint is not None and output.requires_grad:
+                    outputs.append(output)
+                    out_adjoints.append(adjoint)
+            wrt = [x for x in inputs if x.requires_grad]
+            grads = iter(
+                torch.autograd.grad(outputs, wrt, out_adjoints, allow_unused=True) if outputs else []
+            )
+        pulled = (
+            [next(grads) if x.requires_grad else None for x in inputs] if outputs else [None] * len(inputs)
+        )
+        return (None, *pulled)
+
+
 def unroll_checkpointed(
     inner: InnerLoop,
     params: Mapping[str, torch.Tensor],
@@ -368,46 +445,24 @@ def unroll_checkpointed(
 
     Same arguments as :meth:`InnerLoop.adapt` with every step differentiated. Only the parameters
     and optimizer state at each segment boundary stay alive until the outer backward pass; each
-    segment's graph is rebuilt when the backward pass reaches it.
+    segment's graph is rebuilt when the backward pass reaches it and freed once its adjoints are
+    pulled through (a custom autograd op: ``torch.utils.checkpoint`` keeps every recomputed
+    segment's double-backward graph alive until the end of the backward pass, which costs more
+    memory than not checkpointing at all).
     """
     anchor = fresh_leaves(params)
     live_context, constants = _split_context(context)
     state = inner.init({name: value.detach() for name, value in anchor.items()})
     layout, state_leaves = _layout(anchor, state, live_context, lr_scales)
     n_p = len(layout.param_names)
-
-    def run_segment(first: int, count: int, *flat: torch.Tensor):
-        seg_params, seg_state, seg_context, seg_lr = layout.split(flat)
-        current, state = layout.params(seg_params), layout.state(seg_state)
-        full_context = {**constants, **layout.context(seg_context)}
-        seg_losses = []
-        for index in range(first, first + count):
-            current, state, loss = inner.step(
-                current,
-                state,
-                batch,
-                full_context,
-                create_graph=True,
-                objective=objective,
-                lr_scales=layout.lr_scales(seg_lr),
-                where=f"support loss of task {task_index} at inner step {index}",
-            )
-            seg_losses.append(loss.detach())
-        return (*current.values(), *optree.tree_leaves(state), torch.stack(seg_losses))
-
     current = list(anchor.values())
     losses: list[torch.Tensor] = []
     for first in range(0, inner.steps, segment):
-        count = min(segment, inner.steps - first)
-        outputs = checkpoint(
-            run_segment,
-            first,
-            count,
-            *current,
-            *state_leaves,
-            *live_context.values(),
-            *(lr_scales or {}).values(),
-            use_reentrant=False,
+        piece = _Segment(
+            inner, objective, batch, constants, layout, first, min(segment, inner.steps - first), task_index
+        )
+        outputs = _RecomputedSegment.apply(
+            piece, *current, *state_leaves, *live_context.values(), *(lr_scales or {}).values()
         )
         current, state_leaves = list(outputs[:n_p]), list(outputs[n_p:-1])
         losses.extend(outputs[-1].unbind())
