@@ -89,3 +89,39 @@ def run_guarded(
         if experiment is not None:
             experiment.close()
     return 0
+
+
+def add_run_options(parser: argparse.ArgumentParser) -> None:
+    """The ``run`` options every experiment shares: ``--threads``, ``--set``, ``--out``, ``--resume``."""
+    parser.add_argument("--threads", type=int, help="torch threads (0: torch's default)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="any config key")
+    parser.add_argument("--out", required=True, help="output folder")
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue a folder with its saved config (no need to repeat --preset or flags); finished "
+        "units are skipped",
+    )
+
+
+def add_folder_commands(commands: Any, *, table_help: str, verify_help: str) -> None:
+    """The ``table``, ``verify`` and ``presets`` subcommands every experiment shares."""
+    table_parser = commands.add_parser("table", help=table_help)
+    table_parser.add_argument("out")
+    table_parser.add_argument("--write", action="store_true", help="also rewrite OUT/table.md")
+    verify_parser = commands.add_parser("verify", help=verify_help)
+    verify_parser.add_argument("out")
+    commands.add_parser("presets", help="list the presets")
+
+
+def run_and_show_table(
+    start: Callable[[], None], out: str, errors: tuple[type[BaseException], ...], resume_hint: str
+) -> int:
+    """:func:`run_guarded`, then print the folder's ``table.md``; the exit status."""
+    from pathlib import Path
+
+    status = run_guarded(start, errors=errors, resume_hint=resume_hint)
+    if status:
+        return status
+    print((Path(out) / "table.md").read_text(encoding="utf-8"))
+    return 0

@@ -19,7 +19,14 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from metakit.experiments.commands import int_list, parse_sets, run_guarded, str_list
+from metakit.experiments.commands import (
+    add_folder_commands,
+    add_run_options,
+    int_list,
+    parse_sets,
+    run_and_show_table,
+    str_list,
+)
 from metakit.experiments.fewshot.config import FEWSHOT_PRESETS, FewShotConfig, load_fewshot_config
 
 __all__ = ["add_arguments", "run"]
@@ -48,23 +55,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     run_parser.add_argument("--shots", type=int_list, help="k per class, from 4,8,16")
     run_parser.add_argument("--episodes", type=int_list, help="episode numbers, e.g. 0,1")
     run_parser.add_argument("--model", help="'e5' (offline), 'tiny', or a local path / hub name")
-    run_parser.add_argument("--threads", type=int, help="torch threads (0: torch's default)")
-    run_parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="any config key")
-    run_parser.add_argument("--out", required=True, help="output folder")
-    run_parser.add_argument(
-        "--resume",
-        action="store_true",
-        help="continue a folder with its saved config (no need to repeat --preset or flags); finished "
-        "units are skipped",
+    add_run_options(run_parser)
+    add_folder_commands(
+        commands,
+        table_help="render the markdown report of an output folder",
+        verify_help="recompute every accuracy and macro-F1 from its predictions; exit 1 on a mismatch",
     )
-    table_parser = commands.add_parser("table", help="render the markdown report of an output folder")
-    table_parser.add_argument("out")
-    table_parser.add_argument("--write", action="store_true", help="also rewrite OUT/table.md")
-    verify_parser = commands.add_parser(
-        "verify", help="recompute every accuracy and macro-F1 from its predictions; exit 1 on a mismatch"
-    )
-    verify_parser.add_argument("out")
-    commands.add_parser("presets", help="list the presets")
 
 
 def _overrides(args: argparse.Namespace) -> dict[str, Any]:
@@ -107,8 +103,9 @@ def _run_experiment(args: argparse.Namespace) -> int:
         start.experiment = FewShotExperiment(_config(args), args.out, resume=args.resume)
         start.experiment.run()
 
-    status = run_guarded(
+    return run_and_show_table(
         start,
+        args.out,
         errors=(
             ValueError,
             FileNotFoundError,
@@ -119,10 +116,6 @@ def _run_experiment(args: argparse.Namespace) -> int:
         ),
         resume_hint=f"metakit fewshot run --out {args.out} --resume",
     )
-    if status:
-        return status
-    print((Path(args.out) / "table.md").read_text(encoding="utf-8"))
-    return 0
 
 
 def run(args: argparse.Namespace) -> int:
