@@ -158,3 +158,12 @@ def test_corrupted_json_names_the_file(tmp_path, capsys):
         capsys, "--settings", "head", "--set", f"leopard_dir={data}", "--out", str(tmp_path / "x")
     )
     assert str(broken) in err
+
+
+@pytest.mark.parametrize("folder", ["fewshot-cpu-quick", "fewshot-cpu-partial"])
+def test_committed_fewshot_results_verify(folder):
+    """Every committed few-shot unit's accuracy and macro-F1 equal sklearn's on its own predictions."""
+    from metakit.cli import main
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / folder
+    assert main(["fewshot", "verify", str(path)]) == 0
