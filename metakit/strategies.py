@@ -99,7 +99,7 @@ class SecondOrder(Unrolled):
             ``torch.func.grad``; MixFlow-MG). Memory hardly grows with the number of steps. Every
             operation in the support loss needs a forward-mode derivative.
         checkpoint: recompute the inner steps in segments of this many steps during the backward
-            pass (``torch.utils.checkpoint``, non-reentrant): memory grows like S/k + k steps.
+            pass, each segment's graph freed once its adjoints are through: memory grows like S/k + k steps.
 
     Example:
         >>> strategy = mk.SecondOrder(hvp="forward")  # the exact gradient, memory flat in the steps
