@@ -96,13 +96,14 @@ class SecondOrder(Unrolled):
             through it (reverse over reverse; memory grows with every step's activations).
             ``"forward"``: each step is one op that keeps only its inputs and gradient; its backward
             forms the Hessian-vector products by forward over reverse (``torch.func.jvp`` of
-            ``torch.func.grad``; MixFlow-MG). Memory hardly grows with the number of steps. Every
+            ``torch.func.grad``; MixFlow-MG). Memory grows with S × the inner parameters, not with S ×
+            the activations: it pays when the inner set is small next to the activations. Every
             operation in the support loss needs a forward-mode derivative.
         checkpoint: recompute the inner steps in segments of this many steps during the backward
             pass, each segment's graph freed once its adjoints are through: memory grows like S/k + k steps.
 
     Example:
-        >>> strategy = mk.SecondOrder(hvp="forward")  # the exact gradient, memory flat in the steps
+        >>> strategy = mk.SecondOrder(hvp="forward")  # the exact gradient, no activations kept per step
     """
 
     HVP_MODES = ("reverse", "forward")
