@@ -96,17 +96,18 @@ def test_sigterm_then_resume_gives_identical_results(reference, tmp_path):
     out = tmp_path / "interrupted"
     process = _start(out)
     deadline = time.monotonic() + 300
-    # head's two units come first; then Meta-Adapters meta-trains for seconds: stop it there
+    # Stop it while Meta-Adapters meta-trains (its TensorBoard folder appears when that starts and the
+    # 40 meta-steps take a while), not after some unit count: a fast machine may finish the units
+    # between two polls.
     while time.monotonic() < deadline and process.poll() is None:
-        results = out / "results.json"
-        if results.is_file() and len(json.loads(results.read_text(encoding="utf-8"))["units"]) >= 2:
+        if (out / "tensorboard" / "meta-meta_adapters").is_dir():
             break
-        time.sleep(0.05)
+        time.sleep(0.01)
     process.send_signal(signal.SIGTERM)
     _, err = process.communicate(timeout=120)
     assert process.returncode == 143, err
     assert "interrupted after" in err and f"metakit fewshot run --out {out} --resume" in err
-    assert 2 <= len(_units(out)) < 6
+    assert len(_units(out)) < 6
     assert cli("run", "--out", str(out), "--resume") == 0
     assert _units(out) == _units(reference)
     for unit in _units(reference).values():
