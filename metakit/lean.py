@@ -314,43 +314,25 @@ def unroll_forward_over_reverse(
     Same arguments as :meth:`InnerLoop.adapt` with every step differentiated; the result's
     ``params`` carry a graph of one op per step, which holds only that step's inputs.
     """
-    anchor = fresh_leaves(params)
-    live_context, constants = _split_context(context)
-    state = inner.init({name: value.detach() for name, value in anchor.items()})
-    layout, state_leaves = _layout(anchor, state, live_context, lr_scales)
-    current: list[torch.Tensor] = list(anchor.values())
-    losses = []
-    for index in range(inner.steps):
-        step = _Step(
-            inner,
-            objective,
-            batch,
-            constants,
-            layout,
-            f"support loss of task {task_index} at inner step {index}",
-        )
-        outputs = _ForwardOverReverseStep.apply(
-            step, *current, *state_leaves, *live_context.values(), *(lr_scales or {}).values()
-        )
-        n_p = len(layout.param_names)
-        current, state_leaves, loss = list(outputs[:n_p]), list(outputs[n_p:-1]), outputs[-1]
-        losses.append(loss)
-    return _finish(
+
+    def one_step(layout: _Layout, constants: Params, first: int, count: int):
+        where = f"support loss of task {task_index} at inner step {first}"
+        return _ForwardOverReverseStep, _Step(inner, objective, batch, constants, layout, where)
+
+    return _unroll(
         inner,
-        layout,
-        anchor,
-        current,
-        state_leaves,
-        losses,
+        params,
         batch,
-        {**constants, **_detached(live_context)},
-        objective=objective,
-        task_index=task_index,
-        trace_final=trace_final,
+        context,
+        objective,
+        lr_scales,
+        task_index,
+        trace_final,
+        chunk=1,
+        make_op=one_step,
     )
 
 
-# -- checkpointed segments ------------------------------------------------------------------------
 @dataclass
 class _Segment:
     """The non-tensor part of one recomputed segment of inner steps."""
@@ -450,6 +432,28 @@ def unroll_checkpointed(
     segment's double-backward graph alive until the end of the backward pass, which costs more
     memory than not checkpointing at all).
     """
+
+    def one_segment(layout: _Layout, constants: Params, first: int, count: int):
+        return _RecomputedSegment, _Segment(
+            inner, objective, batch, constants, layout, first, count, task_index
+        )
+
+    return _unroll(
+        inner,
+        params,
+        batch,
+        context,
+        objective,
+        lr_scales,
+        task_index,
+        trace_final,
+        chunk=segment,
+        make_op=one_segment,
+    )
+
+
+def _unroll(inner, params, batch, context, objective, lr_scales, task_index, trace_final, *, chunk, make_op):
+    """Run every inner step through custom ops of ``chunk`` steps each; ``make_op`` builds one."""
     anchor = fresh_leaves(params)
     live_context, constants = _split_context(context)
     state = inner.init({name: value.detach() for name, value in anchor.items()})
@@ -457,15 +461,11 @@ def unroll_checkpointed(
     n_p = len(layout.param_names)
     current = list(anchor.values())
     losses: list[torch.Tensor] = []
-    for first in range(0, inner.steps, segment):
-        piece = _Segment(
-            inner, objective, batch, constants, layout, first, min(segment, inner.steps - first), task_index
-        )
-        outputs = _RecomputedSegment.apply(
-            piece, *current, *state_leaves, *live_context.values(), *(lr_scales or {}).values()
-        )
+    for first in range(0, inner.steps, chunk):
+        op, meta = make_op(layout, constants, first, min(chunk, inner.steps - first))
+        outputs = op.apply(meta, *current, *state_leaves, *live_context.values(), *(lr_scales or {}).values())
         current, state_leaves = list(outputs[:n_p]), list(outputs[n_p:-1])
-        losses.extend(outputs[-1].unbind())
+        losses.extend(outputs[-1].reshape(-1).unbind())
     return _finish(
         inner,
         layout,
