@@ -22,6 +22,7 @@ from typing import Any
 from metakit.experiments.commands import (
     add_folder_commands,
     add_run_options,
+    config_for_run,
     int_list,
     parse_sets,
     run_and_show_table,
@@ -76,15 +77,9 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
 
 def _config(args: argparse.Namespace) -> ExperimentConfig:
     """The run's config; ``--resume`` without ``--preset``/``--config`` starts from the folder's saved one."""
-    from metakit.experiments.runner import saved_config
-
     overrides = _overrides(args)
-    saved = saved_config(args.out) if args.resume and not (args.preset or args.config) else None
-    if saved is None:
-        return load_config(args.preset, args.config, overrides)
-    _check_keys(overrides, "the command-line overrides")
-    known = {k: v for k, v in saved.items() if k in ExperimentConfig.__dataclass_fields__}
-    return ExperimentConfig(**{**known, **overrides})
+    _check_keys(overrides, "the command-line overrides")  # typed and ranged, naming the key
+    return config_for_run(args, overrides, ExperimentConfig, load_config)
 
 
 def _run_experiment(args: argparse.Namespace) -> int:

@@ -125,3 +125,22 @@ def run_and_show_table(
         return status
     print((Path(out) / "table.md").read_text(encoding="utf-8"))
     return 0
+
+
+def config_for_run(
+    args: argparse.Namespace, overrides: dict[str, Any], config_class: type, load: Callable[..., Any]
+):
+    """The run's config: ``load(preset, config file, overrides)``, or, for ``--resume`` without
+    ``--preset``/``--config``, the folder's saved config with the overrides on top (unknown keys refused)."""
+    from metakit.experiments.folder import saved_config
+
+    saved = saved_config(args.out) if args.resume and not (args.preset or args.config) else None
+    if saved is None:
+        return load(args.preset, args.config, overrides)
+    known = set(config_class.__dataclass_fields__)
+    unknown = sorted(set(overrides) - known)
+    if unknown:
+        raise ValueError(
+            f"Unknown config keys {unknown} in the command-line overrides; known keys: {sorted(known)}."
+        )
+    return config_class(**{**{k: v for k, v in saved.items() if k in known}, **overrides})

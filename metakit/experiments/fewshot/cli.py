@@ -22,6 +22,7 @@ from typing import Any
 from metakit.experiments.commands import (
     add_folder_commands,
     add_run_options,
+    config_for_run,
     int_list,
     parse_sets,
     run_and_show_table,
@@ -79,19 +80,7 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
 
 def _config(args: argparse.Namespace) -> FewShotConfig:
     """The run's config; ``--resume`` without ``--preset``/``--config`` starts from the folder's saved one."""
-    from metakit.experiments.folder import saved_config
-
-    overrides = _overrides(args)
-    saved = saved_config(args.out) if args.resume and not (args.preset or args.config) else None
-    if saved is None:
-        return load_fewshot_config(args.preset, args.config, overrides)
-    known = set(FewShotConfig.__dataclass_fields__)
-    unknown = sorted(set(overrides) - known)
-    if unknown:
-        raise ValueError(
-            f"Unknown config keys {unknown} in the command-line overrides; known keys: {sorted(known)}."
-        )
-    return FewShotConfig(**{**{k: v for k, v in saved.items() if k in known}, **overrides})
+    return config_for_run(args, _overrides(args), FewShotConfig, load_fewshot_config)
 
 
 def _run_experiment(args: argparse.Namespace) -> int:
