@@ -168,3 +168,46 @@ def test_committed_fewshot_results_verify(folder):
 
     path = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / folder
     assert main(["fewshot", "verify", str(path)]) == 0
+
+
+def test_merge_joins_side_by_side_runs_into_the_reference(reference, tmp_path, capsys):
+    """Two folders of one config, different settings, merge into the units of one uninterrupted run."""
+    half_a, half_b, merged = tmp_path / "a", tmp_path / "b", tmp_path / "merged"
+    assert cli("run", "--preset", "tiny", "--settings", "head", *SLOW_META, "--out", str(half_a)) == 0
+    assert (
+        cli(
+            "run",
+            "--preset",
+            "tiny",
+            "--settings",
+            "meta_adapters,adapters",
+            *SLOW_META,
+            "--out",
+            str(half_b),
+        )
+        == 0
+    )
+    capsys.readouterr()
+    assert cli("merge", str(half_a), str(half_b), "--out", str(merged)) == 0
+    assert "merged 6 units from 2 folders" in capsys.readouterr().out
+    assert _units(merged) == _units(reference)
+    config = json.loads((merged / "config.json").read_text(encoding="utf-8"))["config"]
+    assert config["settings"] == ["head", "adapters", "meta_adapters"]  # the settings' own order
+    assert (merged / "checkpoints/meta-meta_adapters.pt").is_file()
+    table = (merged / "table.md").read_text(encoding="utf-8")
+    assert "Merged from folders that ran side by side" in table and "(d) Meta-Adapters" in table
+    assert cli("verify", str(merged)) == 0
+
+    # a unit in two folders, an existing --out and a differing config are refused in one line
+    capsys.readouterr()
+    assert cli("merge", str(half_a), str(merged), "--out", str(tmp_path / "twice")) == 2
+    assert "is in both" in capsys.readouterr().err and not (tmp_path / "twice").exists()
+    assert cli("merge", str(half_a), str(half_b), "--out", str(merged)) == 2
+    assert "already exists" in capsys.readouterr().err
+    other = tmp_path / "other"
+    assert (
+        cli("run", "--preset", "tiny", "--settings", "head", "--set", "ft_steps=4", "--out", str(other)) == 0
+    )
+    capsys.readouterr()
+    assert cli("merge", str(other), str(half_b), "--out", str(tmp_path / "mixed")) == 2
+    assert "ft_steps" in capsys.readouterr().err

@@ -8,6 +8,7 @@ Usage::
     metakit fewshot run --out runs/x --resume                                     # continue with its config
     metakit fewshot verify runs/x                                                 # recompute every score
     metakit fewshot table runs/x --write                                          # re-render the table
+    metakit fewshot merge runs/a runs/b --out runs/x                              # join side-by-side runs
     metakit fewshot presets                                                       # list presets and keys
 """
 
@@ -62,6 +63,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         table_help="render the markdown report of an output folder",
         verify_help="recompute every accuracy and macro-F1 from its predictions; exit 1 on a mismatch",
     )
+    merge_parser = commands.add_parser(
+        "merge", help="join folders of one config that ran different settings or tasks side by side"
+    )
+    merge_parser.add_argument("sources", nargs="+", help="two or more `fewshot run` output folders")
+    merge_parser.add_argument("--out", required=True, help="the new, merged folder")
 
 
 def _overrides(args: argparse.Namespace) -> dict[str, Any]:
@@ -136,6 +142,16 @@ def run(args: argparse.Namespace) -> int:
         print(
             f"verify: all {units} units of {args.out} match sklearn's accuracy and macro-F1 of their predictions"
         )
+        return 0
+    if args.fewshot_command == "merge":
+        from metakit.experiments.fewshot.merge import merge_folders
+
+        try:
+            merged = merge_folders(args.sources, args.out)
+        except (ValueError, ResultsFileError) as error:
+            print(f"error: {error}", file=sys.stderr)
+            return 2
+        print(f"merged {len(merged['units'])} units from {len(args.sources)} folders into {args.out}")
         return 0
     if args.fewshot_command == "table":
         from metakit.experiments.fewshot.report import render_fewshot_report

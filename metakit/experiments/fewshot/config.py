@@ -53,7 +53,8 @@ class FewShotConfig:
         meta_steps, meta_batch (episodes per step), n_way (``None``: all of a task's classes), k_shot,
         q_query, inner_steps, inner_lr (SGD), outer_lr (AdamW on adapters / LoRA), prime_lr (AdamW on the
         backbone in priming), meta_strategy: ``"second"`` (exact, Meta-Adapters) or ``"first"``;
-        priming always uses first order (Algorithm 1).
+        priming always uses first order (Algorithm 1); meta_dev_episodes: fixed episodes of the pool's dev
+        splits whose query loss after the inner loop is measured before and after meta-training (0: none).
     Fine-tuning on an episode's support set:
         ft_steps (AdamW steps, linear decay), ft_batch_size, ft_lr_full, ft_lr_head, ft_lr_pe; chosen on
         the pool's dev sets by :func:`metakit.experiments.fewshot.hparams.choose_finetune_lrs` from
@@ -92,6 +93,7 @@ class FewShotConfig:
     outer_lr: float = 1e-4
     prime_lr: float = 2e-5
     meta_strategy: str = "second"
+    meta_dev_episodes: int = 8
     ft_steps: int = 50
     ft_batch_size: int = 16
     ft_lr_full: float = 2e-5
@@ -126,6 +128,10 @@ class FewShotConfig:
         if bad_e:
             raise ValueError(
                 f"episodes {bad_e} do not exist; LEOPARD has episodes 0..{LEOPARD_EPISODES - 1}."
+            )
+        if self.meta_dev_episodes < 0:
+            raise ValueError(
+                f"meta_dev_episodes must be >= 0 (0: no dev episodes), got {self.meta_dev_episodes}."
             )
         if self.head_init not in ("euclidean", "mean"):
             raise ValueError(f"head_init must be 'euclidean' or 'mean', got {self.head_init!r}.")
@@ -258,6 +264,7 @@ FEWSHOT_PRESETS: dict[str, dict[str, Any]] = {
         "tarp_rank": 2,
         "meta_steps": 2,
         "meta_batch": 2,
+        "meta_dev_episodes": 2,
         "n_way": 2,
         "k_shot": 2,
         "q_query": 2,

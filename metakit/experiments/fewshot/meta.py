@@ -26,6 +26,7 @@ from metakit.experiments.fewshot.config import FewShotConfig
 from metakit.experiments.fewshot.data import episode_batch
 from metakit.experiments.fewshot.model import FewShotGroups
 from metakit.experiments.fewshot.settings import FewShotSetting
+from metakit.functional import bind
 from metakit.inner import InnerLoop
 from metakit.learner import MetaLearner
 from metakit.prototype import PrototypeClassifier, prototype_loss
@@ -33,7 +34,10 @@ from metakit.strategies import FirstOrder, SecondOrder
 from metakit.task import Task
 from metakit.tasks.episodes import FewShotSampler
 
-__all__ = ["meta_train", "pool_task"]
+__all__ = ["meta_train", "pool_dev_loss", "pool_task"]
+
+#: The dev episodes' sampler seed, fixed whatever the run's seed so every setting is scored on the same ones.
+DEV_EPISODE_SEED = 1
 
 
 def pool_task(
@@ -53,6 +57,22 @@ def pool_task(
     return Task(support, query, prototype_loss)
 
 
+def pool_dev_loss(learner: MetaLearner, tasks: list[Task]) -> float:
+    """Mean query loss over ``tasks`` after the learner's inner loop, in eval mode (no dropout)."""
+    model = learner.model
+    was_training = model.training
+    model.eval()
+    try:
+        losses = []
+        for task in tasks:
+            adapted = learner.adapt(task)
+            with torch.no_grad():
+                losses.append(float(task.loss_fn(bind(model, adapted), task.query)))
+    finally:
+        model.train(was_training)
+    return sum(losses) / len(losses)
+
+
 def meta_train(
     config: FewShotConfig,
     setting: FewShotSetting,
@@ -61,13 +81,20 @@ def meta_train(
     tokenizer: PreTrainedTokenizerBase,
     pool: Mapping[str, Dataset],
     *,
+    dev_pool: Mapping[str, Dataset] | None = None,
     writer: SummaryWriter | None = None,
     device: str | torch.device = "cpu",
 ) -> dict[str, object]:
     """Meta-train ``model`` (already on ``device``) in place for ``setting`` on ``pool``; returns a log.
 
+    The query losses of meta-training's own episodes swing with the task drawn (a 2-way and a 6-way
+    task differ by ln 3 at chance), so progress is also measured on ``config.meta_dev_episodes`` fixed
+    episodes of ``dev_pool`` (the pool's dev splits): their mean query loss after the inner loop,
+    before and after meta-training.
+
     Returns:
-        ``{"steps", "query_loss" (per step), "inner_loss_first", "inner_loss_last" (mean over tasks)}``.
+        ``{"steps", "query_loss" (per step), "inner_loss_first", "inner_loss_last" (mean over tasks),
+        "dev_query_loss_before", "dev_query_loss_after"}`` (the dev keys only with ``dev_pool``).
     """
     if setting.meta is None or groups.pe is None:
         raise ValueError(f"Setting {setting.key!r} has no meta-training.")
@@ -106,6 +133,14 @@ def meta_train(
             {"params": [p for n, p in named if n in backbone_names], "lr": c.prime_lr},
         ]
         optimizer = torch.optim.AdamW(groups_lr)
+    dev_tasks: list[Task] = []
+    if dev_pool is not None and c.meta_dev_episodes > 0:
+        dev_sampler = FewShotSampler(dev_pool, c.n_way, c.k_shot, c.q_query, seed=DEV_EPISODE_SEED)
+        dev_tasks = [
+            pool_task(tokenizer, dev_sampler.sample(), c.max_length, c.text_prefix, device)
+            for _ in range(c.meta_dev_episodes)
+        ]
+    dev_before = pool_dev_loss(learner, dev_tasks) if dev_tasks else None
     sampler = FewShotSampler(pool, c.n_way, c.k_shot, c.q_query, seed=c.seed)
     log: dict[str, list[float]] = {"query_loss": [], "inner_loss_first": [], "inner_loss_last": []}
     model.train()
@@ -114,7 +149,7 @@ def meta_train(
             pool_task(tokenizer, sampler.sample(), c.max_length, c.text_prefix, device)
             for _ in range(c.meta_batch)
         ]
-        result = learner.meta_step(tasks)
+        result = learner.meta_step(tasks, final_support_loss=True)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         with torch.no_grad():
@@ -128,4 +163,11 @@ def meta_train(
             writer.add_scalar("meta/inner_loss_first", log["inner_loss_first"][-1], step)
             writer.add_scalar("meta/inner_loss_last", log["inner_loss_last"][-1], step)
     model.eval()
-    return {"steps": c.meta_steps, **log}
+    out: dict[str, object] = {"steps": c.meta_steps, **log}
+    if dev_tasks:
+        out["dev_query_loss_before"] = dev_before
+        out["dev_query_loss_after"] = pool_dev_loss(learner, dev_tasks)
+        if writer is not None:
+            writer.add_scalar("meta/dev_query_loss", out["dev_query_loss_before"], 0)
+            writer.add_scalar("meta/dev_query_loss", out["dev_query_loss_after"], c.meta_steps)
+    return out

@@ -137,6 +137,24 @@ def _comparison_rows(units: Sequence[dict[str, Any]]) -> list[str]:
     ]
 
 
+#: Meta-steps averaged at each end of the training query-loss curve in the report.
+SMOOTH_STEPS = 5
+
+
+def _first_last(log: dict[str, Any]) -> str:
+    losses = log.get("query_loss")
+    if not losses:  # folders written before the per-step log was kept
+        return f"{log['query_loss_first']:.3f} → {log['query_loss_last']:.3f}"
+    n = min(SMOOTH_STEPS, len(losses))
+    return f"{sum(losses[:n]) / n:.3f} → {sum(losses[-n:]) / n:.3f}"
+
+
+def _before_after(log: dict[str, Any]) -> str:
+    if "dev_query_loss_before" not in log:
+        return "–"
+    return f"{log['dev_query_loss_before']:.3f} → {log['dev_query_loss_after']:.3f}"
+
+
 def render_fewshot_report(results: dict[str, Any]) -> str:
     """The markdown of a results dict: accuracy and macro-F1 tables, paired comparisons, notes."""
     units = results["units"]
@@ -146,16 +164,24 @@ def render_fewshot_report(results: dict[str, Any]) -> str:
     out += [fewshot_table(units, "accuracy"), fewshot_table(units, "macro_f1"), *_comparison_rows(units)]
     if results.get("meta"):
         out.append("**Meta-training** (on the pool, once per setting)\n")
-        out.append("| setting | steps | seconds | query loss first → last |")
-        out.append("|---|---|---|---|")
+        out.append(
+            "| setting | steps | seconds | training query loss, first → last | "
+            "dev query loss, before → after |"
+        )
+        out.append("|---|---|---|---|---|")
         for key, log in results["meta"].items():
             out.append(
-                f"| {key} | {log['steps']} | {log['seconds']:.0f} | "
-                f"{log['query_loss_first']:.3f} → {log['query_loss_last']:.3f} |"
+                f"| {key} | {log['steps']} | {log['seconds']:.0f} | {_first_last(log)} | {_before_after(log)} |"
             )
             if log.get("structure"):
                 counts = Counter(log["structure"].values())
-                out.append(f"| {key}: structure chosen | | | {dict(sorted(counts.items()))} |")
+                out.append(f"| {key}: structure chosen | | | {dict(sorted(counts.items()))} | |")
+        out.append(
+            "\nTraining query losses are means over the first and last "
+            f"{SMOOTH_STEPS} meta-steps where the per-step log is kept (one step's loss swings with the task "
+            "drawn); dev query losses are on the same fixed dev episodes of the pool for every setting, "
+            "after the inner loop, before and after meta-training."
+        )
         out.append("")
     unseen = Counter()
     for unit in units:
@@ -166,9 +192,18 @@ def render_fewshot_report(results: dict[str, Any]) -> str:
         )
     for task, k, episode in results.get("skipped", []):
         out.append(f"Skipped {task} k={k} episode {episode}: its file is empty upstream.")
-    wall = sum(call["wall_seconds"] for call in results.get("invocations", []))
-    out.append(
-        f"\n{len(units)} units; wall time {wall / 60:.1f} min over {len(results.get('invocations', []))} "
-        "invocation(s)."
-    )
+    calls = results.get("invocations", [])
+    wall = sum(call["wall_seconds"] for call in calls)
+    out.append(f"\n{len(units)} units; wall time {wall / 60:.1f} min over {len(calls)} invocation(s).")
+    if results.get("merged_from"):
+        per_folder = {
+            folder: sum(c["wall_seconds"] for c in calls if c.get("folder") == folder) / 60
+            for folder in results["merged_from"]
+        }
+        out.append(
+            "Merged from folders that ran side by side (`metakit fewshot merge`), each on one thread; wall "
+            "time per folder: "
+            + ", ".join(f"{name} {minutes:.1f} min" for name, minutes in per_folder.items())
+            + f" (elapsed: the longest, {max(per_folder.values()):.1f} min)."
+        )
     return "\n".join(out) + "\n"

@@ -155,6 +155,10 @@ class FewShotExperiment:
                 "seconds": log["seconds"],
                 "query_loss_first": log["query_loss"][0],
                 "query_loss_last": log["query_loss"][-1],
+                "query_loss": log["query_loss"],
+                "inner_loss_first": log["inner_loss_first"],
+                "inner_loss_last": log["inner_loss_last"],
+                **{key: log[key] for key in ("dev_query_loss_before", "dev_query_loss_after") if key in log},
                 **({"structure": log["structure"]} if "structure" in log else {}),
             }
         gold, predicted = result.pop("gold"), result.pop("predictions")

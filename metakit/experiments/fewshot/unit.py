@@ -180,7 +180,8 @@ class FewShotResources:
     # -- model -------------------------------------------------------------------------------------
     @property
     def backbone(self) -> FewShotBackbone:
-        """The encoder and tokenizer (for ``"tiny"``, the vocabulary comes from every text the run reads)."""
+        """The encoder and tokenizer (for ``"tiny"``, the vocabulary comes from the selected tasks' texts
+        and the pool's, so a tiny unit depends on the selected tasks, k and episodes, not on the settings)."""
         if self._backbone is None:
             texts: list[str] = []
             if self.config.model == "tiny":
@@ -198,8 +199,8 @@ class FewShotResources:
             for e in c.episodes
             if not self.is_empty(t, k, e)
         ]
-        if any(FEWSHOT_SETTINGS[s].meta for s in c.settings):
-            sources += list(self.pool().values())
+        # the pool whatever the settings, so a unit does not depend on which other settings the run selects
+        sources += list(self.pool().values())
         for data in sources:
             for a, b in zip(data["text_a"], data["text_b"], strict=True):
                 yield a
@@ -247,6 +248,7 @@ class FewShotResources:
             try:
                 log = meta_train(
                     self.config, setting, model, groups, self.backbone.tokenizer, self.pool(),
+                    dev_pool=self.pool_dev() if self.config.meta_dev_episodes else None,
                     writer=writer, device=device,
                 )  # fmt: skip
             finally:
