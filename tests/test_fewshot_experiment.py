@@ -79,6 +79,8 @@ def test_meta_training_changes_only_what_the_setting_learns(tiny):
     assert lora and all(n.endswith(("lora_A", "lora_B")) for n in lora)
     log = resources.meta_logs["meta_adapters"]
     assert len(log["query_loss"]) == config.meta_steps and all(math.isfinite(v) for v in log["query_loss"])
+    assert all(math.isfinite(v) for v in log["inner_loss_first"] + log["inner_loss_last"])
+    assert math.isfinite(log["dev_query_loss_before"]) and math.isfinite(log["dev_query_loss_after"])
 
 
 def test_fine_tuning_fits_the_support_set(tiny):
@@ -183,3 +185,43 @@ def test_meta_training_is_checkpointed_and_reused(tmp_path):
     reloaded = again.meta_state(setting)
     assert again.meta_logs == {}  # loaded, not trained again
     assert reloaded.keys() == state.keys() and all(torch.equal(reloaded[n], state[n]) for n in state)
+
+
+def test_pool_dev_loss_scores_the_model_as_it_is_now(tiny):
+    """The dev episodes' prototypes are recomputed at every evaluation, never cached from an older model."""
+    import torchopt
+
+    from metakit import recipes
+    from metakit.experiments.fewshot.meta import DEV_EPISODE_SEED, pool_dev_loss, pool_task
+    from metakit.prototype import prototype_loss
+    from metakit.strategies import FirstOrder
+    from metakit.tasks.episodes import FewShotSampler
+
+    config, resources = tiny
+    model, groups = resources.backbone.build(FEWSHOT_SETTINGS["meta_adapters"], config.seed)
+    learner = recipes.meta_adapters(
+        model, prototype_loss, adapters=groups.pe, head=groups.head, steps=2, strategy=FirstOrder(),
+        optimizer=torchopt.sgd(lr=0.01),
+    )  # fmt: skip
+
+    def episodes():
+        sampler = FewShotSampler(
+            resources.pool_dev(), config.n_way, config.k_shot, config.q_query, seed=DEV_EPISODE_SEED
+        )
+        tokenizer = resources.backbone.tokenizer
+        return [
+            pool_task(tokenizer, sampler.sample(), config.max_length, config.text_prefix) for _ in range(2)
+        ]
+
+    fixed = episodes()
+    before = pool_dev_loss(learner, fixed)
+    assert math.isfinite(before) and before == pytest.approx(pool_dev_loss(learner, episodes()), rel=1e-6)
+    names = set(groups.pe.names(model))
+    with torch.no_grad():
+        generator = torch.Generator().manual_seed(0)
+        for name, value in model.named_parameters():
+            if name in names:
+                value.add_(0.5 * torch.randn(value.shape, generator=generator))
+    after = pool_dev_loss(learner, fixed)
+    assert abs(after - before) > 1e-4
+    assert after == pytest.approx(pool_dev_loss(learner, episodes()), rel=1e-6)

@@ -65,6 +65,7 @@ def pool_dev_loss(learner: MetaLearner, tasks: list[Task]) -> float:
     try:
         losses = []
         for task in tasks:
+            task.support.prototypes = None  # cached from the encoder as it was at the last evaluation
             adapted = learner.adapt(task)
             with torch.no_grad():
                 losses.append(float(task.loss_fn(bind(model, adapted), task.query)))
