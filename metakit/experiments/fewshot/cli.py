@@ -35,8 +35,8 @@ __all__ = ["add_arguments", "run"]
 
 PRESET_PURPOSE = {
     "paper": "every task, k in {4, 8, 16}, 10 episodes, full test sets, exact meta-gradients: a GPU",
-    "cpu": "all twelve tasks at k = 8, 16, episodes 0-1, 100 test examples per task: ~80-85 min for (a)-(f) "
-    "on 1 CPU thread (estimated); (g1) TARP and (g2) TARP+TAMS add ~30-35 min",
+    "cpu": "all twelve tasks at k = 8, 16, episodes 0-1, 100 test examples per task, every setting: two "
+    "1-thread halves side by side, ~75 min each on 2 cores, joined by `metakit fewshot merge`",
     "cpu-quick": "three tasks, k = 8, episode 0, 100 test examples: ~9 min for all nine settings, 1 CPU thread",
     "tiny": "a random tiny BERT; plumbing checks for tests, seconds",
 }
