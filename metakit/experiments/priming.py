@@ -176,7 +176,8 @@ class _MetaPriming:
     whether the inner loop does anything: near zero, priming is just multi-task training.
     """
 
-    def __init__(self, tagger, groups, setting, config, sources, tokenizer, seed, log_dir, ranks):
+    def __init__(self, tagger, groups, setting, config, sources, tokenizer, seed, log_dir, ranks=None):
+        ranks = ranks or Ranks()
         steps = setting.inner_steps or config.inner_steps
         recipe = recipes.maml_loop_priming if setting.priming == "maml_loop" else recipes.priming
         self.logger = (
