@@ -156,3 +156,64 @@ def test_an_interrupted_two_process_run_resumes_where_it_stopped(data_dir, two_p
     errors = [line for line in err.splitlines() if line.startswith("error: ")]
     assert process.returncode != 0 and len(errors) == 1, err[-3000:]
     assert errors[0].startswith("error: rank 0: ") and "already holds an experiment" in errors[0]
+
+
+# -- the pieces: per-task random streams and the ranks' meeting points -----------------------------
+def test_a_task_draws_the_same_dropout_alone_or_after_others():
+    import torchopt
+    from torch import nn
+
+    import metakit as mk
+    from metakit.experiments.ranks import TaskStreams
+    from metakit.tasks import SineTasks, mse_loss
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(1, 16), nn.Dropout(0.5), nn.Linear(16, 1)).train()
+    learner = mk.MetaLearner(
+        model,
+        mse_loss,
+        inner=mk.InnerLoop(mk.everything(), torchopt.sgd(lr=0.1), steps=2),
+        outer_params=mk.everything(),
+        strategy=mk.FirstOrder(),
+    )
+    partition = learner._partition(dict(model.named_parameters()))
+    problems = [learner._problem(t, i, partition, None) for i, t in enumerate(SineTasks(seed=1).sample(3))]
+    streams = TaskStreams(seed=0)
+    before = torch.get_rng_state()
+    together = streams.run(learner.strategy, problems)
+    assert torch.equal(torch.get_rng_state(), before)  # the process's own stream is left as it was
+    alone = streams.run(learner.strategy, problems[2:])
+    assert torch.equal(alone.query_losses, together.query_losses[2:])
+    assert torch.equal(alone.inner_losses, together.inner_losses[2:])
+    streams.step = 1  # another meta-step: other dropout masks
+    assert not torch.equal(streams.run(learner.strategy, problems[2:]).inner_losses, alone.inner_losses)
+
+
+def meeting_worker(rank: int, init_file: str, out: str) -> None:
+    from datetime import timedelta
+
+    from metakit.experiments.ranks import Ranks
+
+    torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    ranks = Ranks(rank, 2, timedelta(seconds=60), launched=True)
+    saved: dict = {"mine": ranks.mine(["hi", "af", "az"])}
+    saved["payloads"], saved["failures"] = ranks.meet(None, "a clean meeting", payload=f"from {rank}")
+    error = ValueError("unit broke") if rank == 1 else None
+    _, failures = ranks.meet(error, "a unit failed on rank 1")
+    try:
+        ranks.raise_failures(error, failures)
+    except Exception as raised:
+        saved["raised"] = (type(raised).__name__, str(raised), ranks.quiet(raised))
+    torch.distributed.destroy_process_group()
+    torch.save(saved, f"{out}/rank{rank}.pt")
+
+
+def test_ranks_meet_and_a_failing_rank_stops_the_others_with_its_error(tmp_path):
+    torch.multiprocessing.spawn(meeting_worker, args=(f"{tmp_path}/init", str(tmp_path)), nprocs=2, join=True)
+    rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2))
+    assert rank0["mine"] == ["hi", "az"] and rank1["mine"] == ["af"]
+    assert rank0["payloads"] == rank1["payloads"] == ["from 0", "from 1"] and rank0["failures"] == []
+    kind, message, quiet = rank0["raised"]
+    assert kind == "DistributedError" and "rank 1: ValueError: unit broke" in message
+    assert quiet  # rank 1 prints its own error; rank 0 stays quiet
+    assert rank1["raised"] == ("ValueError", "unit broke", False)

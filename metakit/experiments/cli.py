@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -131,11 +132,22 @@ def _run_ranked(args: argparse.Namespace, ranks, errors: tuple, hint: str) -> in
     from metakit.experiments.runner import Experiment
 
     def start() -> None:
-        start.experiment = Experiment(_config(args), args.out, resume=args.resume, ranks=ranks)
+        config = _config(args)
+        start.configured = True
+        start.experiment = Experiment(config, args.out, resume=args.resume, ranks=ranks)
         start.experiment.run()
 
+    def quiet(error: BaseException) -> bool:
+        # Every rank reads the same flags and files: a bad config is rank 0's to report.
+        same_everywhere = not ranks.main and not getattr(start, "configured", False)
+        quiet.used = same_everywhere or ranks.quiet(error)
+        return quiet.used
+
     prefix = f"rank {ranks.rank}: " if ranks.world > 1 else ""
-    status = run_guarded(start, errors=errors, resume_hint=hint, quiet=ranks.quiet, prefix=prefix)
+    status = run_guarded(start, errors=errors, resume_hint=hint, quiet=quiet, prefix=prefix)
+    if status == 2 and getattr(quiet, "used", False):
+        # torchrun stops every process once one exits: let the rank that reports the error print it.
+        time.sleep(1.0)
     if status == 0 and ranks.main:
         print((Path(args.out) / "table.md").read_text(encoding="utf-8"))
     return status
