@@ -24,14 +24,30 @@ import torch.distributed as dist
 from metakit.executors import Executor, MetaBatchGradient, Sequential
 from metakit.problem import Strategy, TaskProblem
 
-__all__ = ["Distributed", "DistributedError", "RankMismatchError", "rank_tasks"]
+__all__ = [
+    "Distributed",
+    "DistributedError",
+    "RankMismatchError",
+    "all_gather_object",
+    "rank_tasks",
+    "wait",
+]
 
 Params = dict[str, torch.Tensor]
 ShareAdapted = Literal["inner_only", "all"]
 
 
 class DistributedError(RuntimeError):
-    """Another rank failed, or a collective waited longer than the executor's timeout."""
+    """Another rank failed, or a collective waited longer than the executor's timeout.
+
+    Attributes:
+        failed_ranks: the ranks whose own error this one reports (each of them raised that error
+            itself); empty when a collective timed out.
+    """
+
+    def __init__(self, message: str, failed_ranks: Sequence[int] = ()):
+        super().__init__(message)
+        self.failed_ranks = list(failed_ranks)
 
 
 class RankMismatchError(ValueError):
@@ -196,15 +212,7 @@ class Distributed(Executor):
         dist.init_process_group(backend="nccl" if cuda else "gloo", timeout=self.timeout)
 
     def _wait(self, work: Any, what: str) -> None:
-        try:
-            work.wait(timeout=self.timeout)
-        except RuntimeError as error:
-            raise DistributedError(
-                f"rank {dist.get_rank(self.group)} waited more than {self.timeout} for the other ranks "
-                f"while {what}: a rank failed, died or stopped calling meta_step "
-                f"({type(error).__name__}: {str(error).strip()[:200]}). Check the other ranks' logs; "
-                "raise Distributed(timeout=...) if a rank is only slow."
-            ) from error
+        wait(work, what, group=self.group, timeout=self.timeout)
 
     def _all_reduce(self, tensors: dict[str, torch.Tensor], what: str) -> None:
         for names, flat in _flatten(tensors):
@@ -218,21 +226,7 @@ class Distributed(Executor):
             _unflatten(tensors, names, flat)
 
     def _all_gather_object(self, obj: Any, device: torch.device, what: str) -> list[Any]:
-        """``dist.all_gather_object`` with this executor's timeout on each collective."""
-        payload = torch.frombuffer(bytearray(pickle.dumps(obj)), dtype=torch.uint8).to(device)
-        world = dist.get_world_size(self.group)
-        size = torch.tensor([payload.numel()], dtype=torch.long, device=device)
-        sizes = [torch.zeros_like(size) for _ in range(world)]
-        self._wait(dist.all_gather(sizes, size, group=self.group, async_op=True), what)
-        longest = int(max(int(s) for s in sizes))
-        padded = torch.zeros(longest, dtype=torch.uint8, device=device)
-        padded[: payload.numel()] = payload
-        gathered = [torch.empty_like(padded) for _ in range(world)]
-        self._wait(dist.all_gather(gathered, padded, group=self.group, async_op=True), what)
-        # The payloads are this job's own ranks' records (as in dist.all_gather_object).
-        return [
-            pickle.loads(g[: int(s)].cpu().numpy().tobytes()) for g, s in zip(gathered, sizes, strict=True)
-        ]
+        return all_gather_object(obj, what, group=self.group, timeout=self.timeout, device=device)
 
     # -- checks -----------------------------------------------------------------------------------
     def _check_fingerprints(self, problem: TaskProblem, device: torch.device) -> None:
@@ -257,7 +251,8 @@ class Distributed(Executor):
         if failed:
             details = "; ".join(f"rank {r}: {message}" for r, message in failed.items())
             raise DistributedError(
-                f"meta_step failed on rank(s) {sorted(failed)} (rank {rank} stops too): {details}"
+                f"meta_step failed on rank(s) {sorted(failed)} (rank {rank} stops too): {details}",
+                failed_ranks=sorted(failed),
             )
         counts = [rec["n_tasks"] for rec in records]
         if len(set(counts)) > 1:
@@ -266,6 +261,51 @@ class Distributed(Executor):
                 f"0..{len(counts) - 1}. Every rank must pass the same tasks in the same order (e.g. a task "
                 "sampler with the same seed on every rank); each rank runs only its share."
             )
+
+
+def wait(work: Any, what: str, *, group: Any = None, timeout: timedelta) -> None:
+    """Wait for an ``async_op=True`` collective at most ``timeout``, else raise :class:`DistributedError`.
+
+    Args:
+        work: what the collective returned.
+        what: what the ranks were doing, for the message (e.g. "all-reducing the meta-gradient").
+    """
+    try:
+        work.wait(timeout=timeout)
+    except RuntimeError as error:
+        raise DistributedError(
+            f"rank {dist.get_rank(group)} waited more than {timeout} for the other ranks "
+            f"while {what}: a rank failed, died or stopped taking part "
+            f"({type(error).__name__}: {str(error).strip()[:200]}). Check the other ranks' logs; "
+            "raise the timeout if a rank is only slow."
+        ) from error
+
+
+def all_gather_object(
+    obj: Any,
+    what: str,
+    *,
+    group: Any = None,
+    timeout: timedelta,
+    device: torch.device | str = "cpu",
+) -> list[Any]:
+    """``dist.all_gather_object`` that waits at most ``timeout`` (:func:`wait`); every rank's ``obj``.
+
+    Example:
+        >>> statuses = all_gather_object(None, "finishing a unit", timeout=timedelta(minutes=5))  # doctest: +SKIP
+    """
+    payload = torch.frombuffer(bytearray(pickle.dumps(obj)), dtype=torch.uint8).to(device)
+    world = dist.get_world_size(group)
+    size = torch.tensor([payload.numel()], dtype=torch.long, device=device)
+    sizes = [torch.zeros_like(size) for _ in range(world)]
+    wait(dist.all_gather(sizes, size, group=group, async_op=True), what, group=group, timeout=timeout)
+    longest = int(max(int(s) for s in sizes))
+    padded = torch.zeros(longest, dtype=torch.uint8, device=device)
+    padded[: payload.numel()] = payload
+    gathered = [torch.empty_like(padded) for _ in range(world)]
+    wait(dist.all_gather(gathered, padded, group=group, async_op=True), what, group=group, timeout=timeout)
+    # The payloads are this job's own ranks' records (as in dist.all_gather_object).
+    return [pickle.loads(g[: int(s)].cpu().numpy().tobytes()) for g, s in zip(gathered, sizes, strict=True)]
 
 
 def fingerprint(params: Mapping[str, torch.Tensor]) -> dict[str, tuple]:

@@ -81,13 +81,17 @@ class Sequential(Executor):
         total_lr: Params = {}
         outcomes: list[TaskGradient] = []
         for problem in problems:
-            outcome = strategy.task_gradient(problem)
+            outcome = self.task_gradient(strategy, problem)
             accumulate(total, outcome.grads)
             accumulate(total_lr, outcome.lr_grads)
             outcome.grads = outcome.lr_grads = {}
             outcomes.append(outcome)
         n_tasks = len(problems)
         return combine_outcomes(mean_over(total, n_tasks), mean_over(total_lr, n_tasks), outcomes)
+
+    def task_gradient(self, strategy: Strategy, problem: TaskProblem) -> TaskGradient:
+        """One task's outcome; a subclass may wrap it (e.g. run each task in its own random stream)."""
+        return strategy.task_gradient(problem)
 
 
 def accumulate(total: Params, grads: Mapping[str, torch.Tensor]) -> None:

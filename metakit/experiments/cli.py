@@ -6,6 +6,7 @@ Usage::
     metakit ner run --preset cpu-quick --settings 1,3,4 --out runs/quick         # a few minutes
     metakit ner run --config exp.yaml --langs hi,af --seeds 0 --out runs/x --resume
     metakit ner run --out runs/x --resume                                        # continue: reads runs/x/config.json
+    torchrun --standalone --nproc_per_node=2 -m metakit.cli ner run --preset cpu --out runs/x   # 2 processes
     metakit ner verify runs/x                                                    # recompute every F1 from predictions
     metakit ner table runs/x --write                                             # re-render a folder's table
     metakit ner presets                                                          # list presets and their keys
@@ -16,6 +17,8 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +29,7 @@ from metakit.experiments.commands import (
     int_list,
     parse_sets,
     run_and_show_table,
+    run_guarded,
     str_list,
 )
 from metakit.experiments.config import PRESET_INFO, PRESETS, ExperimentConfig, _check_keys, load_config
@@ -52,6 +56,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--data", help="folder of {split}-{lang}.tsv files; 'hub' for unimelb-nlp/wikiann"
     )
     add_run_options(run_parser)
+    run_parser.add_argument(
+        "--timeout",
+        type=float,
+        help="under torchrun: seconds a process waits for the others before it stops with an error "
+        "(default 1800; a rank may wait for another's longest unit)",
+    )
     add_folder_commands(
         commands,
         table_help="render the markdown table of an output folder",
@@ -83,29 +93,64 @@ def _config(args: argparse.Namespace) -> ExperimentConfig:
 
 
 def _run_experiment(args: argparse.Namespace) -> int:
+    from metakit.distributed import DistributedError
     from metakit.experiments.lock import FolderLockedError
     from metakit.experiments.priming import CheckpointError
+    from metakit.experiments.ranks import DEFAULT_TIMEOUT, Ranks
     from metakit.experiments.report import ResultsFileError
     from metakit.experiments.runner import Experiment
 
+    if args.timeout is not None and not args.timeout > 0:
+        print(f"error: --timeout must be a positive number of seconds, got {args.timeout}", file=sys.stderr)
+        return 2
+    errors = (
+        ValueError,
+        FileNotFoundError,
+        FileExistsError,
+        ImportError,
+        FolderLockedError,
+        CheckpointError,
+        ResultsFileError,
+    )
+    hint = f"metakit ner run --out {args.out} --resume"
+    ranks = Ranks.from_environment(timedelta(seconds=args.timeout) if args.timeout else DEFAULT_TIMEOUT)
+    try:
+        if ranks.launched:  # rank 0 writes and prints; every rank prints only its own errors
+            return _run_ranked(args, ranks, (*errors, DistributedError), hint)
+
+        def start() -> None:
+            start.experiment = Experiment(_config(args), args.out, resume=args.resume)
+            start.experiment.run()
+
+        return run_and_show_table(start, args.out, errors=errors, resume_hint=hint)
+    finally:
+        ranks.close()
+
+
+def _run_ranked(args: argparse.Namespace, ranks, errors: tuple, hint: str) -> int:
+    """One ``torchrun`` process of ``ner run``; rank 0 prints the table."""
+    from metakit.experiments.runner import Experiment
+
     def start() -> None:
-        start.experiment = Experiment(_config(args), args.out, resume=args.resume)
+        config = _config(args)
+        start.configured = True
+        start.experiment = Experiment(config, args.out, resume=args.resume, ranks=ranks)
         start.experiment.run()
 
-    return run_and_show_table(
-        start,
-        args.out,
-        errors=(
-            ValueError,
-            FileNotFoundError,
-            FileExistsError,
-            ImportError,
-            FolderLockedError,
-            CheckpointError,
-            ResultsFileError,
-        ),
-        resume_hint=f"metakit ner run --out {args.out} --resume",
-    )
+    def quiet(error: BaseException) -> bool:
+        # Every rank reads the same flags and files: a bad config is rank 0's to report.
+        same_everywhere = not ranks.main and not getattr(start, "configured", False)
+        quiet.used = same_everywhere or ranks.quiet(error)
+        return quiet.used
+
+    prefix = f"rank {ranks.rank}: " if ranks.world > 1 else ""
+    status = run_guarded(start, errors=errors, resume_hint=hint, quiet=quiet, prefix=prefix)
+    if status == 2 and getattr(quiet, "used", False):
+        # torchrun stops every process once one exits: let the rank that reports the error print it.
+        time.sleep(1.0)
+    if status == 0 and ranks.main:
+        print((Path(args.out) / "table.md").read_text(encoding="utf-8"))
+    return status
 
 
 def run(args: argparse.Namespace) -> int:

@@ -62,26 +62,36 @@ def run_guarded(
     *,
     errors: tuple[type[BaseException], ...],
     resume_hint: str,
+    quiet: Callable[[BaseException], bool] | None = None,
+    prefix: str = "",
 ) -> int:
     """Run an experiment with clean stops: ``start()`` returns the experiment, which it has run.
 
     ``start`` gets no experiment back on an interruption, so it should store the experiment it built
     on itself as ``start.experiment`` (for ``progress()`` and ``close()``) before running it.
 
+    Args:
+        quiet: errors (or interrupts) not to print, e.g. on a ``torchrun`` rank whose error only
+            reports another rank's; the exit status is the same.
+        prefix: put before the message of a printed error (e.g. ``"rank 1: "``).
+
     Returns:
         0 when it finished; 130 on Ctrl-C, 143 on SIGTERM (a line saying where it stopped and how to
         resume); 2 with one ``error:`` line for any of ``errors``.
     """
+    quiet = quiet or (lambda error: False)
     previous = signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         start()
     except KeyboardInterrupt as interrupt:
         experiment = getattr(start, "experiment", None)
         where = experiment.progress() if experiment is not None else "starting"
-        print(f"interrupted after {where}; continue with `{resume_hint}`", file=sys.stderr)
+        if not quiet(interrupt):
+            print(f"interrupted after {where}; continue with `{resume_hint}`", file=sys.stderr)
         return 143 if isinstance(interrupt, Terminated) else 130
     except errors as error:
-        print(f"error: {error}", file=sys.stderr)
+        if not quiet(error):
+            print(f"error: {prefix}{error}", file=sys.stderr)
         return 2
     finally:
         signal.signal(signal.SIGTERM, previous)

@@ -69,6 +69,7 @@ def finetune(
     features: Sequence[torch.Tensor] | None = None,
     writer: SummaryWriter | None = None,
     desc: str = "fine-tuning",
+    progress: bool = True,
 ) -> dict[str, float]:
     """Train the parameters ``tuned`` selects with AdamW and a linear decay; everything else is frozen.
 
@@ -76,6 +77,7 @@ def finetune(
         rows: encoded sentences (:func:`metakit.tasks.ner.model_inputs`).
         features: their :func:`sentence_features`, to train the top part only (the encoder must be frozen).
         writer: TensorBoard writer for ``finetune/loss`` and ``finetune/lr``.
+        progress: show a progress bar (off on the ranks that do not write, under ``torchrun``).
 
     Returns:
         ``{"steps", "final_loss"}``.
@@ -91,7 +93,7 @@ def finetune(
     schedule = get_linear_schedule_with_warmup(optimizer, num_warmup_steps=0, num_training_steps=total)
     tagger.train()
     step, loss_value, epoch = 0, float("nan"), 0
-    with tqdm(total=total, desc=desc, leave=False, unit="step") as bar:
+    with tqdm(total=total, desc=desc, leave=False, unit="step", disable=not progress) as bar:
         while step < total:
             source = (
                 _feature_batches(features, rows, batch_size, shuffle=True, seed=seed + epoch)

@@ -25,6 +25,7 @@ from transformers import PreTrainedTokenizerBase, get_linear_schedule_with_warmu
 from metakit import recipes
 from metakit.experiments.config import ExperimentConfig
 from metakit.experiments.model import Groups, trainable_state
+from metakit.experiments.ranks import Ranks
 from metakit.experiments.settings import Setting
 from metakit.experiments.tagger import Tagger, token_loss
 from metakit.functional import bind
@@ -87,6 +88,7 @@ def prime(
     seed: int,
     checkpoint_dir: Path,
     log_dir: Path,
+    ranks: Ranks | None = None,
 ) -> dict[str, float]:
     """Prime ``tagger`` in place; returns ``{"steps", "seconds", "resumed_from", "final_loss", ...}``.
 
@@ -95,7 +97,12 @@ def prime(
     position, and the Python, NumPy and torch random states. An existing one is continued from, and
     the result is bit-identical to an uninterrupted run (on CPU, one thread). Meta priming also
     reports the inner loop's mean adaptation gain on the query sets (see :class:`_MetaPriming`).
+
+    Under ``torchrun`` (``ranks``) every rank continues from the same checkpoint; meta priming splits
+    each meta-batch across the ranks, fine-tuning priming runs on every rank alike, and rank 0 alone
+    writes the checkpoint and the TensorBoard logs.
     """
+    ranks = ranks or Ranks()
     trained = groups.backbone | groups.adapter | groups.head
     last = checkpoint_dir / "last.pt"
     unit = f"priming s{setting.number} seed {seed}"
@@ -106,7 +113,7 @@ def prime(
     if setting.priming == "finetune":
         loop = _FinetunePriming(tagger, groups, config, sources, tokenizer, seed)
     else:
-        loop = _MetaPriming(tagger, groups, setting, config, sources, tokenizer, seed, log_dir)
+        loop = _MetaPriming(tagger, groups, setting, config, sources, tokenizer, seed, log_dir, ranks)
     names = set(trained.names(tagger))
     params = [p for n, p in tagger.named_parameters() if n in names and p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=config.prime_lr)
@@ -120,7 +127,10 @@ def prime(
         start, loss = checkpoint["step"], checkpoint["loss"]
     began = time.perf_counter()
     try:
-        with tqdm(total=loop.total, initial=start, desc=unit, leave=False, unit="step") as bar:
+        bar = tqdm(
+            total=loop.total, initial=start, desc=unit, leave=False, unit="step", disable=not ranks.main
+        )
+        with bar:
             for step in range(start, loop.total):
                 loss = loop.step(step)
                 optimizer.step()
@@ -129,7 +139,7 @@ def prime(
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss:.3f}")
                 done = step + 1
-                if done % config.checkpoint_every == 0 or done == loop.total:
+                if ranks.main and (done % config.checkpoint_every == 0 or done == loop.total):
                     payload = {
                         "step": done,
                         "loss": loss,
@@ -145,13 +155,16 @@ def prime(
         raise
     loop.close()
     tagger.eval()
-    return {
+    info = {
         "steps": loop.total,
         "seconds": time.perf_counter() - began,
         "resumed_from": start,
         "final_loss": loss,
         **loop.summary(),
     }
+    if ranks.launched:
+        info["processes"] = ranks.world
+    return info
 
 
 class _MetaPriming:
@@ -163,12 +176,18 @@ class _MetaPriming:
     whether the inner loop does anything: near zero, priming is just multi-task training.
     """
 
-    def __init__(self, tagger, groups, setting, config, sources, tokenizer, seed, log_dir):
+    def __init__(self, tagger, groups, setting, config, sources, tokenizer, seed, log_dir, ranks=None):
+        ranks = ranks or Ranks()
         steps = setting.inner_steps or config.inner_steps
         recipe = recipes.maml_loop_priming if setting.priming == "maml_loop" else recipes.priming
-        self.logger = TensorBoardLogger(
-            log_dir, hparams={"setting": setting.number, "seed": seed, "inner_steps": steps}
+        self.logger = (
+            TensorBoardLogger(
+                log_dir, hparams={"setting": setting.number, "seed": seed, "inner_steps": steps}
+            )
+            if ranks.main
+            else None
         )
+        self.executor = ranks.executor(seed)
         self.learner = recipe(
             tagger,
             token_loss,
@@ -180,6 +199,7 @@ class _MetaPriming:
             logger=self.logger,
             # The library's feature reuse: exact under every strategy, so no condition on it here.
             cut=tagger.feature_cut(groups.adapter | groups.head) if config.cache_features else None,
+            executor=self.executor,
         )
         self.sampler = EpisodeSampler(sources, tokenizer, config.support_size, config.query_size, seed=seed)
         self.tagger, self.total = tagger, config.prime_steps
@@ -196,10 +216,15 @@ class _MetaPriming:
         tasks: Sequence[Task] = self.sampler.sample()
         pre = self._pre_adaptation_loss(tasks)
         self.learner.step = step
-        post = float(self.learner.meta_step(tasks).loss)
-        self.logger.add_scalar("adaptation/query_loss_before", pre, step)
-        self.logger.add_scalar("adaptation/query_loss_after", post, step)
-        self.logger.add_scalar("adaptation/gain", pre - post, step)
+        if self.executor is not None:  # under torchrun: each task's dropout stream follows the step
+            self.executor.local.step = step
+        # Every rank traces the final support loss (rank 0's logger would switch it on), so each task
+        # makes the same forwards, and the same dropout draws, wherever it runs.
+        post = float(self.learner.meta_step(tasks, final_support_loss=True).loss)
+        if self.logger is not None:
+            self.logger.add_scalar("adaptation/query_loss_before", pre, step)
+            self.logger.add_scalar("adaptation/query_loss_after", post, step)
+            self.logger.add_scalar("adaptation/gain", pre - post, step)
         self.sums["pre_query_loss"] += pre
         self.sums["post_query_loss"] += post
         self.sums["steps"] += 1
@@ -225,6 +250,8 @@ class _MetaPriming:
         self.sums = dict(state["sums"])
 
     def close(self, finished: bool = True) -> None:
+        if self.logger is None:
+            return
         if finished:
             self.logger.close({"final_query_loss": self.summary()["post_query_loss"], **self.summary()})
         else:  # an interrupted run: no hparams summary of a run that has not ended

@@ -12,6 +12,10 @@ Layout of the output folder::
 
 Priming runs once per (setting, seed) and is shared by every target language.
 
+Under ``torchrun`` (:mod:`metakit.experiments.ranks`) every rank runs this loop: meta priming splits
+its meta-batches across the ranks, the units of a (setting, seed) are split target by target, and
+rank 0 alone writes the folder.
+
 One process writes a folder at a time (:class:`~metakit.experiments.lock.FolderLock`). A unit's
 result and predictions are written together in one file with one rename, and only then added to
 ``results.json``; ``metakit ner verify`` recomputes every F1 from those files.
@@ -33,6 +37,7 @@ from metakit.experiments.finetune import finetune, predict, sentence_features
 from metakit.experiments.folder import open_folder, saved_config
 from metakit.experiments.model import Backbone, check_model, fraction, trainable_state
 from metakit.experiments.priming import load_checkpoint, prime
+from metakit.experiments.ranks import Failure, Ranks, ScalarRecorder
 from metakit.experiments.report import (
     environment,
     render_report,
@@ -57,29 +62,45 @@ class Experiment:
         config: what to run.
         out_dir: where results, predictions, logs and checkpoints go.
         resume: continue a folder that already holds results (every key that changes results must match).
+        ranks: the processes of a ``torchrun`` launch (:meth:`Ranks.from_environment`); one by default.
 
     Example:
         >>> with Experiment(load_config("tiny"), "runs/tiny") as experiment:  # doctest: +SKIP
         ...     experiment.run()
     """
 
-    def __init__(self, config: ExperimentConfig, out_dir: str | Path, resume: bool = False):
-        self.config, self.out = config, Path(out_dir)
+    def __init__(
+        self, config: ExperimentConfig, out_dir: str | Path, resume: bool = False, ranks: Ranks | None = None
+    ):
+        self.config, self.out, self.ranks = config, Path(out_dir), ranks or Ranks()
         self.results_path = self.out / "results.json"
         self.activity = "starting"
-        self._check_inputs()  # before anything is written, so a failed start leaves no folder behind
-        self.lock, self.results = open_folder(
-            self.out,
-            config.to_dict(),
-            config.fingerprint(),
-            differing=lambda saved: differing_keys(saved, config.to_dict()),
-            resume=resume,
-            empty={"units": [], "priming": {}, "elapsed_seconds": 0.0},
-        )
+        self.lock, results, error = None, None, None
+        if self.ranks.main:  # the other ranks receive what rank 0 read, or its error
+            try:
+                self._check_inputs()  # before anything is written, so a failed start leaves no folder behind
+                self.lock, results = open_folder(
+                    self.out,
+                    config.to_dict(),
+                    config.fingerprint(),
+                    differing=lambda saved: differing_keys(saved, config.to_dict()),
+                    resume=resume,
+                    empty={"units": [], "priming": {}, "elapsed_seconds": 0.0},
+                )
+            except Exception as caught:
+                if not self.ranks.launched:
+                    raise
+                error = caught
+        if self.ranks.launched:
+            shared, failures = self.ranks.meet(error, "opening the output folder", results)
+            self.ranks.raise_failures(error, failures)
+            results = shared[0]
+        self.results = results
 
     def close(self) -> None:
         """Release the output folder."""
-        self.lock.release()
+        if self.lock is not None:
+            self.lock.release()
 
     def __enter__(self) -> Experiment:
         return self
@@ -117,6 +138,8 @@ class Experiment:
         return f"{selected} of {total} units, during {self.activity}"
 
     def _save(self) -> None:
+        if not self.ranks.main:
+            return
         self.results["config"] = self.config.to_dict()
         self.results["environment"] = environment()
         write_json(self.results_path, self.results)
@@ -165,7 +188,7 @@ class Experiment:
         self.train = encode(raw_train, "train")
         self.test = encode(raw_test, "test")
         cut = {k: v["truncated"] for k, v in self.results["truncated"].items() if v["truncated"]}
-        if cut:
+        if cut and self.ranks.main:
             tqdm.write(f"Sentences truncated to max_length={c.max_length} sub-words: {cut}")
 
     # -- running ---------------------------------------------------------------------------------------
@@ -178,13 +201,21 @@ class Experiment:
         units = [(s, lang, seed) for seed in c.seeds for s in c.settings for lang in c.targets]
         todo = [u for u in units if not self.done(*u)]
         if not todo:
-            tqdm.write(f"All {len(units)} units are finished in {self.out}.")
+            if self.ranks.main:
+                tqdm.write(f"All {len(units)} units are finished in {self.out}.")
             self._save()
             return self.results
         self.activity = "loading the data and the model"
         self._load_data()
         self._pristine: dict[tuple[str, str], list[torch.Tensor]] = {}
-        with tqdm(total=len(units), initial=len(units) - len(todo), desc="units", unit="unit") as bar:
+        bar = tqdm(
+            total=len(units),
+            initial=len(units) - len(todo),
+            desc="units",
+            unit="unit",
+            disable=not self.ranks.main,
+        )
+        with bar:
             for seed in c.seeds:
                 for number in c.settings:
                     langs = [lang for lang in c.targets if not self.done(number, lang, seed)]
@@ -192,28 +223,100 @@ class Experiment:
                         continue
                     setting = SETTINGS[number]
                     self.activity = f"priming s{number} seed {seed} (it resumes from its last checkpoint)"
-                    try:
-                        state = self._primed(setting, seed) if setting.priming else None
-                    except FloatingPointError as error:  # e.g. InnerLossError: the other units still run
-                        tqdm.write(f"Priming s{number} seed {seed} failed, its units are skipped: {error}")
-                        self.results.setdefault("failed", {})[f"s{number}-seed{seed}"] = str(error)
-                        self._save()
+                    primed, state = self._prime_or_skip(setting, seed)
+                    if not primed:
                         bar.update(len(langs))
                         continue
-                    for lang in langs:
-                        bar.set_postfix(setting=number, lang=lang, seed=seed)
-                        self.activity = f"unit s{number} {lang} seed {seed} (it restarts)"
-                        unit = self._unit(setting, lang, seed, state)
-                        self.results["units"].append(unit)
-                        self.results["elapsed_seconds"] += unit["seconds"]
-                        self._save()
-                        bar.update(1)
+                    self._units(setting, seed, langs, state, bar)
         self.activity = "the final save"
         wall = time.perf_counter() - began
-        self.results.setdefault("invocations", []).append({"wall_seconds": wall, "units": len(todo)})
+        invocation = {"wall_seconds": wall, "units": len(todo)}
+        if self.ranks.launched:
+            invocation["processes"] = self.ranks.world
+        self.results.setdefault("invocations", []).append(invocation)
         self._save()
-        tqdm.write(f"Finished in {wall:.0f} s; table: {self.out / 'table.md'}")
+        if self.ranks.main:
+            tqdm.write(f"Finished in {wall:.0f} s; table: {self.out / 'table.md'}")
         return self.results
+
+    def _prime_or_skip(self, setting: Setting, seed: int) -> tuple[bool, dict | None]:
+        """``(True, primed state or None)``, or ``(False, None)`` when priming failed in floating point.
+
+        A floating-point failure (e.g. ``InnerLossError``) skips that priming's units; the others still
+        run. Under ``torchrun`` the ranks meet after priming and skip, or stop, together.
+        """
+        error: Exception | None = None
+        state = None
+        try:
+            state = self._primed(setting, seed) if setting.priming else None
+        except Exception as caught:
+            if not (self.ranks.launched or isinstance(caught, FloatingPointError)):
+                raise
+            error = caught
+        failures = []
+        if self.ranks.launched and setting.priming:
+            _, failures = self.ranks.meet(error, f"priming s{setting.number} seed {seed}")
+        elif error is not None:
+            failures = [Failure.of(self.ranks.rank, error)]
+        if not failures:
+            return True, state
+        if not all(f.floating_point for f in failures):
+            self.ranks.raise_failures(error, [f for f in failures if f.rank != self.ranks.rank])
+        message = failures[0].message
+        if self.ranks.main:
+            tqdm.write(f"Priming s{setting.number} seed {seed} failed, its units are skipped: {message}")
+        self.results.setdefault("failed", {})[f"s{setting.number}-seed{seed}"] = message
+        self._save()
+        return False, None
+
+    def _units(self, setting: Setting, seed: int, langs: list[str], state: dict | None, bar: tqdm) -> None:
+        """Run the units of (setting, seed) for ``langs``: this rank's share; rank 0 records them all."""
+        remote: list[tuple[str, dict, list, list]] = []  # what this rank sends to rank 0
+        error: Exception | None = None
+        try:
+            for lang in self.ranks.mine(langs):
+                bar.set_postfix(setting=setting.number, lang=lang, seed=seed)
+                self.activity = f"unit s{setting.number} {lang} seed {seed} (it restarts)"
+                unit, predicted, scalars = self._unit(setting, lang, seed, state)
+                if self.ranks.main:
+                    self._record(unit)
+                    bar.update(1)
+                else:
+                    remote.append((lang, unit, predicted, scalars))
+        except Exception as caught:
+            if not self.ranks.launched:
+                raise
+            error = caught
+        if not self.ranks.launched:
+            return
+        sent, failures = self.ranks.meet(error, f"the units of s{setting.number} seed {seed}", remote)
+        self.ranks.raise_failures(error, failures)
+        if not self.ranks.main:
+            return
+        for lang, unit, predicted, scalars in (record for records in sent[1:] for record in records):
+            writer = SummaryWriter(str(self._unit_log(setting, lang, seed)))
+            try:
+                for tag, value, step in scalars:
+                    writer.add_scalar(tag, value, step)
+            finally:
+                writer.close()
+            self._write_predictions(unit, lang, predicted)
+            self._record(unit)
+            bar.update(1)
+
+    def _record(self, unit: dict[str, Any]) -> None:
+        self.results["units"].append(unit)
+        self.results["elapsed_seconds"] += unit["seconds"]
+        self._save()
+
+    def _unit_log(self, setting: Setting, lang: str, seed: int) -> Path:
+        return self.out / "tensorboard" / f"ft-s{setting.number}-{lang}-seed{seed}"
+
+    def _write_predictions(self, unit: dict[str, Any], lang: str, predicted: list[list[str]]) -> None:
+        gold = [[WIKIANN_LABELS[i] for i in tags] for tags in self.test[lang]["ner_tags"]]
+        save_predictions(
+            self.out / unit["predictions"], self.test[lang]["tokens"], gold, predicted, result=unit
+        )
 
     def _primed(self, setting: Setting, seed: int) -> dict[str, torch.Tensor]:
         """The primed model's trained tensors for (setting, seed), priming (or resuming it) if needed."""
@@ -233,10 +336,12 @@ class Experiment:
             seed,
             checkpoint_dir=folder,
             log_dir=self.out / "tensorboard" / f"prime-{key}",
+            ranks=self.ranks,
         )
         state = trainable_state(tagger, groups.backbone | groups.adapter | groups.head)
-        torch.save(state, primed.with_suffix(".tmp"))
-        primed.with_suffix(".tmp").replace(primed)
+        if self.ranks.main:
+            torch.save(state, primed.with_suffix(".tmp"))
+            primed.with_suffix(".tmp").replace(primed)
         self.results["priming"][key] = info
         self.results["elapsed_seconds"] += info["seconds"]
         self._save()
@@ -256,14 +361,22 @@ class Experiment:
             self._pristine[key] = features
         return features
 
-    def _unit(self, setting: Setting, lang: str, seed: int, state: dict | None) -> dict[str, Any]:
+    def _unit(
+        self, setting: Setting, lang: str, seed: int, state: dict | None
+    ) -> tuple[dict[str, Any], list[list[str]], list[tuple[str, float, int]]]:
+        """One unit: ``(result, predicted tags, scalars a non-writing rank recorded for rank 0)``.
+
+        Rank 0 writes the unit's TensorBoard log and predictions file itself; another rank returns them.
+        """
         c, began = self.config, time.perf_counter()
         tagger, groups = self.backbone.build(setting, seed, state=state)
         tuned = groups.tuned(setting)
         cache = c.cache_features and setting.tune != "full"
         train_features = self._features(tagger, setting, lang, "train", self.train[lang]) if cache else None
         test_features = self._features(tagger, setting, lang, "test", self.test[lang]) if cache else None
-        writer = SummaryWriter(str(self.out / "tensorboard" / f"ft-s{setting.number}-{lang}-seed{seed}"))
+        writer = (
+            SummaryWriter(str(self._unit_log(setting, lang, seed))) if self.ranks.main else ScalarRecorder()
+        )
         try:
             info = finetune(
                 tagger,
@@ -277,6 +390,7 @@ class Experiment:
                 features=train_features,
                 writer=writer,
                 desc=f"s{setting.number} {lang} seed {seed}",
+                progress=self.ranks.main,
             )
             predicted = predict(
                 tagger, self.test[lang], self.collator, c.eval_batch_size, features=test_features
@@ -301,5 +415,6 @@ class Experiment:
             "seconds": time.perf_counter() - began,
             "predictions": path.relative_to(self.out).as_posix(),
         }
-        save_predictions(path, self.test[lang]["tokens"], gold, predicted, result=result)
-        return result
+        if self.ranks.main:
+            self._write_predictions(result, lang, predicted)
+        return result, predicted, getattr(writer, "scalars", [])
