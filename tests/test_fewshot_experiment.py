@@ -164,6 +164,14 @@ def test_paired_comparison_by_hand():
     sd = (sum((d - 0.075) ** 2 for d in diffs) / 3) ** 0.5
     half = 3.182446305284263 * sd / 2  # t(0.975, df=3) · sd / √4
     assert result["ci95"] == pytest.approx((0.075 - half, 0.075 + half))
+    assert result["tasks"] == 1 and result["ci95_tasks"] is None  # one task: no interval over tasks
+    # two tasks: the task-level interval is over the two per-task means (0.075 and 0.2)
+    units += [_unit("adapters", "u", 8, e, 0.4) for e in range(2)]
+    units += [_unit("meta_adapters", "u", 8, e, 0.4 + d) for e, d in enumerate([0.1, 0.3])]
+    result = paired_comparison(units, "meta_adapters", "adapters")
+    means = [0.075, 0.2]
+    half = 12.706204736174698 * (abs(means[0] - means[1]) / 2**0.5) / 2**0.5  # t(0.975, df=1) · sd / √2
+    assert result["tasks"] == 2 and result["ci95_tasks"] == pytest.approx((0.1375 - half, 0.1375 + half))
 
 
 def test_fewshot_table_mean_and_std():

@@ -72,7 +72,9 @@ def paired_comparison(
 
     Returns:
         ``pairs``, ``wins`` (a > b), ``losses``, ``ties``, ``mean_difference`` (a − b) and ``ci95``, the
-        two-sided Student-t confidence interval of the mean difference (``None`` with fewer than 2 pairs).
+        two-sided Student-t confidence interval of the mean difference (``None`` with fewer than 2 pairs);
+        ``tasks`` and ``ci95_tasks``, the same interval over the per-task mean differences, which does not
+        count a task's k and episodes as independent samples (``None`` with fewer than 2 tasks).
     """
     values: dict[str, dict[tuple, float]] = {a: {}, b: {}}
     for unit in units:
@@ -91,14 +93,24 @@ def paired_comparison(
         "mean_difference": statistics.fmean(diffs) if diffs else float("nan"),
         "ci95": None,
     }
-    if len(diffs) >= 2:
-        half = (
-            stats.t.ppf(0.5 + confidence / 2, len(diffs) - 1)
-            * statistics.stdev(diffs)
-            / math.sqrt(len(diffs))
-        )
-        result["ci95"] = (float(result["mean_difference"] - half), float(result["mean_difference"] + half))
+    result["ci95"] = _t_interval(diffs, confidence)
+    per_task: dict[str, list[float]] = defaultdict(list)
+    for key, diff in zip(shared, diffs, strict=True):
+        per_task[key[0]].append(diff)
+    result["tasks"] = len(per_task)
+    result["ci95_tasks"] = _t_interval([statistics.fmean(v) for v in per_task.values()], confidence)
     return result
+
+
+def _t_interval(values: Sequence[float], confidence: float) -> tuple[float, float] | None:
+    """The two-sided Student-t interval of the mean of ``values`` (``None`` with fewer than 2)."""
+    if len(values) < 2:
+        return None
+    mean = statistics.fmean(values)
+    half = (
+        stats.t.ppf(0.5 + confidence / 2, len(values) - 1) * statistics.stdev(values) / math.sqrt(len(values))
+    )
+    return float(mean - half), float(mean + half)
 
 
 #: The paired comparisons the report shows: (a, b) means "a against b".
@@ -112,6 +124,10 @@ COMPARISONS = (
 )
 
 
+def _interval(ci: tuple[float, float] | None) -> str:
+    return "–" if ci is None else f"[{100 * ci[0]:+.1f}, {100 * ci[1]:+.1f}]"
+
+
 def _comparison_rows(units: Sequence[dict[str, Any]]) -> list[str]:
     present = {unit["setting"] for unit in units}
     rows = []
@@ -120,18 +136,19 @@ def _comparison_rows(units: Sequence[dict[str, Any]]) -> list[str]:
             continue
         for metric in ("accuracy", "macro_f1"):
             r = paired_comparison(units, a, b, metric)
-            ci = "–" if r["ci95"] is None else f"[{100 * r['ci95'][0]:+.1f}, {100 * r['ci95'][1]:+.1f}]"
             label = f"({FEWSHOT_SETTINGS[a].letter}) {a} vs ({FEWSHOT_SETTINGS[b].letter}) {b}"
             rows.append(
                 f"| {label} | {metric} | {r['pairs']} | {r['wins']}/{r['losses']}/{r['ties']} | "
-                f"{100 * r['mean_difference']:+.1f} | {ci} |"
+                f"{100 * r['mean_difference']:+.1f} | {_interval(r['ci95'])} | {_interval(r['ci95_tasks'])} |"
             )
     if not rows:
         return []
     return [
-        "**Paired comparisons** over tasks × k × episodes (difference × 100, a − b; 95% Student-t interval)\n",
-        "| a vs b | metric | pairs | wins/losses/ties | mean difference | 95% CI |",
-        "|---|---|---|---|---|---|",
+        "**Paired comparisons** over tasks × k × episodes (difference × 100, a − b; 95% Student-t intervals: "
+        "over the pairs, and over the per-task mean differences, which does not treat a task's k and "
+        "episodes as independent)\n",
+        "| a vs b | metric | pairs | wins/losses/ties | mean difference | 95% CI, pairs | 95% CI, tasks |",
+        "|---|---|---|---|---|---|---|",
         *rows,
         "",
     ]
