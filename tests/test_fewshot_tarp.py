@@ -100,3 +100,18 @@ def test_bad_tams_candidates_are_refused():
         load_fewshot_config("tiny", overrides={"tams_candidates": ["frozen", "lstm"]})
     with pytest.raises(ValueError, match="tarp_rank must be >= 1"):
         load_fewshot_config("tiny", overrides={"tarp_rank": 0})
+
+
+def test_arch_lr_gives_the_architecture_weights_their_own_rate(tiny):
+    """AdamW moves each weight by about its rate per step, so 20x the rate moves α about 20x as far."""
+    import dataclasses
+
+    config, _ = tiny
+    moved = {}
+    for arch_lr in (None, 20 * config.outer_lr):
+        faster = dataclasses.replace(config, arch_lr=arch_lr)
+        state = FewShotResources(faster).meta_state(TAMS)
+        moved[arch_lr] = max(float(v.abs().max()) for n, v in state.items() if n.endswith("tams_alpha"))
+    assert moved[None] > 0 and moved[20 * config.outer_lr] > 5 * moved[None]
+    with pytest.raises(ValueError, match="arch_lr must be > 0"):
+        load_fewshot_config("tiny", overrides={"arch_lr": 0.0})

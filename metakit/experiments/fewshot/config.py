@@ -55,6 +55,8 @@ class FewShotConfig:
         backbone in priming), meta_strategy: ``"second"`` (exact, Meta-Adapters) or ``"first"``;
         priming always uses first order (Algorithm 1); meta_dev_episodes: fixed episodes of the pool's dev
         splits whose query loss after the inner loop is measured before and after meta-training (0: none).
+        arch_lr: the AdamW rate of TAMS's architecture weights (``None``: outer_lr), which DARTS-style
+        searches give a rate of their own.
     Fine-tuning on an episode's support set:
         ft_steps (AdamW steps, linear decay), ft_batch_size, ft_lr_full, ft_lr_head, ft_lr_pe; chosen on
         the pool's dev sets by :func:`metakit.experiments.fewshot.hparams.choose_finetune_lrs` from
@@ -94,6 +96,7 @@ class FewShotConfig:
     prime_lr: float = 2e-5
     meta_strategy: str = "second"
     meta_dev_episodes: int = 8
+    arch_lr: float | None = None
     ft_steps: int = 50
     ft_batch_size: int = 16
     ft_lr_full: float = 2e-5
@@ -129,6 +132,8 @@ class FewShotConfig:
             raise ValueError(
                 f"episodes {bad_e} do not exist; LEOPARD has episodes 0..{LEOPARD_EPISODES - 1}."
             )
+        if self.arch_lr is not None and self.arch_lr <= 0:
+            raise ValueError(f"arch_lr must be > 0 or None (outer_lr), got {self.arch_lr}.")
         if self.meta_dev_episodes < 0:
             raise ValueError(
                 f"meta_dev_episodes must be >= 0 (0: no dev episodes), got {self.meta_dev_episodes}."

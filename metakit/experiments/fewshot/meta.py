@@ -121,7 +121,14 @@ def meta_train(
                 model, prototype_loss, adapters=groups.pe, head=groups.head, steps=c.inner_steps,
                 strategy=strategy, optimizer=inner_opt,
             )  # fmt: skip
-        optimizer = torch.optim.AdamW(learner.outer_parameters(), lr=c.outer_lr)
+        outer = learner.outer_parameters()
+        arch = {id(p) for n, p in model.named_parameters() if n.endswith(".tams_alpha")}
+        param_groups = [{"params": [p for p in outer if id(p) not in arch], "lr": c.outer_lr}]
+        if arch:
+            param_groups.append(
+                {"params": [p for p in outer if id(p) in arch], "lr": c.arch_lr or c.outer_lr}
+            )
+        optimizer = torch.optim.AdamW(param_groups)
     else:
         learner = recipes.priming(
             model, prototype_loss, pe=groups.pe, head=groups.head, backbone=groups.backbone,
