@@ -161,7 +161,15 @@ def test_corrupted_json_names_the_file(tmp_path, capsys):
     assert str(broken) in err
 
 
-@pytest.mark.parametrize("folder", ["fewshot-cpu-quick", "fewshot-cpu-partial"])
+@pytest.mark.parametrize(
+    "folder",
+    [
+        "fewshot-cpu-quick",
+        "fewshot-cpu",
+        "fewshot-cpu-sensitivity/tams-arch-lr-0.03",
+        "fewshot-cpu-sensitivity/meta-adapters-120-steps",
+    ],
+)
 def test_committed_fewshot_results_verify(folder):
     """Every committed few-shot unit's accuracy and macro-F1 equal sklearn's on its own predictions."""
     from metakit.cli import main
