@@ -165,22 +165,10 @@ def run(args: argparse.Namespace) -> int:
         print("Use one with `metakit ner run --preset NAME --out DIR`; override keys with --set KEY=VALUE.")
         return 0
     if args.ner_command == "verify":
-        from metakit.experiments.report import ResultsFileError
+        from metakit.experiments.commands import verify_command
         from metakit.experiments.verify import verify_folder
 
-        try:
-            problems = verify_folder(args.out)
-        except ResultsFileError as error:
-            print(f"error: {error}", file=sys.stderr)
-            return 2
-        for line in problems:
-            print(f"MISMATCH {line}", file=sys.stderr)
-        if problems:
-            print(f"verify: {len(problems)} problem(s) in {args.out}", file=sys.stderr)
-            return 1
-        units = len(json.loads((Path(args.out) / "results.json").read_text(encoding="utf-8"))["units"])
-        print(f"verify: all {units} units of {args.out} match seqeval's F1 of their predictions")
-        return 0
+        return verify_command(args.out, verify_folder, "seqeval's F1")
     if args.ner_command == "table":
         from metakit.experiments.report import ResultsFileError, read_results, render_report
 

@@ -14,7 +14,7 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-__all__ = ["Terminated", "int_list", "parse_sets", "run_guarded", "str_list"]
+__all__ = ["Terminated", "int_list", "parse_sets", "run_guarded", "str_list", "verify_command"]
 
 
 def int_list(text: str) -> list[int]:
@@ -122,6 +122,32 @@ def add_folder_commands(commands: Any, *, table_help: str, verify_help: str) -> 
     verify_parser = commands.add_parser("verify", help=verify_help)
     verify_parser.add_argument("out")
     commands.add_parser("presets", help="list the presets")
+
+
+def verify_command(out: str, verify: Callable[[str], list[str]], checked: str) -> int:
+    """``metakit ... verify OUT``: print ``verify(out)``'s mismatches; 0 if none, 1 if any, 2 if unreadable.
+
+    Args:
+        verify: one line per unit whose reported scores its predictions contradict.
+        checked: what every unit was checked against, for the success line (e.g. "seqeval's F1").
+    """
+    from pathlib import Path
+
+    from metakit.experiments.report import ResultsFileError, read_results
+
+    try:
+        problems = verify(out)
+        units = len(read_results(Path(out) / "results.json")["units"])
+    except ResultsFileError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    for line in problems:
+        print(f"MISMATCH {line}", file=sys.stderr)
+    if problems:
+        print(f"verify: {len(problems)} problem(s) in {out}", file=sys.stderr)
+        return 1
+    print(f"verify: all {units} units of {out} match {checked} of their predictions")
+    return 0
 
 
 def run_and_show_table(

@@ -28,6 +28,7 @@ from metakit.experiments.commands import (
     parse_sets,
     run_and_show_table,
     str_list,
+    verify_command,
 )
 from metakit.experiments.fewshot.config import FEWSHOT_PRESETS, FewShotConfig, load_fewshot_config
 
@@ -128,21 +129,7 @@ def run(args: argparse.Namespace) -> int:
     if args.fewshot_command == "verify":
         from metakit.experiments.fewshot.verify import verify_fewshot_folder
 
-        try:
-            problems = verify_fewshot_folder(args.out)
-            units = len(read_results(Path(args.out) / "results.json")["units"])
-        except ResultsFileError as error:
-            print(f"error: {error}", file=sys.stderr)
-            return 2
-        for line in problems:
-            print(f"MISMATCH {line}", file=sys.stderr)
-        if problems:
-            print(f"verify: {len(problems)} problem(s) in {args.out}", file=sys.stderr)
-            return 1
-        print(
-            f"verify: all {units} units of {args.out} match sklearn's accuracy and macro-F1 of their predictions"
-        )
-        return 0
+        return verify_command(args.out, verify_fewshot_folder, "sklearn's accuracy and macro-F1")
     if args.fewshot_command == "merge":
         from metakit.experiments.fewshot.merge import merge_folders
 
