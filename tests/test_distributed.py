@@ -18,8 +18,8 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torchopt
+from spawned_ranks import spawn_ranks
 
 import metakit as mk
 from metakit.distributed import Distributed, DistributedError, RankMismatchError, rank_tasks
@@ -195,14 +195,13 @@ def worker(rank: int, init_file: str, out: str) -> None:
 
 @pytest.fixture(scope="module")
 def ranks() -> list[dict]:
-    with tempfile.TemporaryDirectory() as out:
-        mp.spawn(worker, args=(f"{out}/init", out), nprocs=WORLD, join=True)
-        saved = [torch.load(f"{out}/rank{r}.pt", weights_only=False) for r in range(WORLD)]
-        for rank, measured in enumerate(saved):
-            assert "crash" not in measured, f"rank {rank} crashed:\n{measured.get('crash')}"
-        for name in ("straight", "resumed"):
-            saved[0][f"checkpoint/{name}"] = torch.load(f"{out}/{name}.pt", weights_only=True)
-    return saved
+    def checkpoints(out: str) -> dict:
+        return {
+            f"checkpoint/{name}": torch.load(f"{out}/{name}.pt", weights_only=True)
+            for name in ("straight", "resumed")
+        }
+
+    return spawn_ranks(worker, WORLD, collect=checkpoints)
 
 
 # -- the tests ----------------------------------------------------------------------------------------

@@ -6,14 +6,13 @@ the tests assert on that (float64, 1e-10). Each rank also computes the ``Sequent
 
 from __future__ import annotations
 
-import tempfile
 import traceback
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torchopt
+from spawned_ranks import spawn_ranks
 from torch import nn
 
 import metakit as mk
@@ -87,12 +86,7 @@ def worker(rank: int, init_file: str, out: str) -> None:
 
 @pytest.fixture(scope="module")
 def ranks() -> list[dict]:
-    with tempfile.TemporaryDirectory() as out:
-        mp.spawn(worker, args=(f"{out}/init", out), nprocs=WORLD, join=True)
-        saved = [torch.load(f"{out}/rank{r}.pt", weights_only=False) for r in range(WORLD)]
-    for rank, measured in enumerate(saved):
-        assert "crash" not in measured, f"rank {rank} crashed:\n{measured.get('crash')}"
-    return saved
+    return spawn_ranks(worker, WORLD)
 
 
 @pytest.mark.parametrize("n_tasks", N_TASKS)
