@@ -7,7 +7,7 @@ from collections.abc import Iterable
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
 from transformers import BertConfig, BertForTokenClassification, PreTrainedTokenizerFast
 
-__all__ = ["tiny_bert", "tiny_tokenizer"]
+__all__ = ["tiny_bert", "tiny_bert_config", "tiny_tokenizer"]
 
 _SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 
@@ -40,18 +40,22 @@ def tiny_tokenizer(words: Iterable[str], max_piece: int = 3) -> PreTrainedTokeni
     )
 
 
-def tiny_bert(vocab_size: int, num_labels: int, hidden: int = 32, layers: int = 2, seed: int = 0):
-    """A randomly initialised ``BertForTokenClassification`` small enough for unit tests."""
-    import torch
-
-    torch.manual_seed(seed)
-    config = BertConfig(
+def tiny_bert_config(vocab_size: int, hidden: int = 32, layers: int = 2, **extra) -> BertConfig:
+    """The config of a BERT small enough for unit tests (2 heads, feed-forward 2 × hidden)."""
+    return BertConfig(
         vocab_size=vocab_size,
         hidden_size=hidden,
         num_hidden_layers=layers,
         num_attention_heads=2,
         intermediate_size=2 * hidden,
         max_position_embeddings=128,
-        num_labels=num_labels,
+        **extra,
     )
-    return BertForTokenClassification(config)
+
+
+def tiny_bert(vocab_size: int, num_labels: int, hidden: int = 32, layers: int = 2, seed: int = 0):
+    """A randomly initialised ``BertForTokenClassification`` small enough for unit tests."""
+    import torch
+
+    torch.manual_seed(seed)
+    return BertForTokenClassification(tiny_bert_config(vocab_size, hidden, layers, num_labels=num_labels))

@@ -15,11 +15,12 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
-from transformers import AutoModel, AutoTokenizer, BertConfig, BertModel, PreTrainedTokenizerBase
+from transformers import AutoModel, AutoTokenizer, BertModel, PreTrainedTokenizerBase
 
 from metakit.experiments.fewshot.config import FewShotConfig
 from metakit.experiments.fewshot.settings import FewShotSetting
 from metakit.experiments.model import resolve_model_path
+from metakit.experiments.tiny import tiny_bert_config
 from metakit.prototype import PrototypeClassifier
 from metakit.spec import Spec, everything, nothing, select
 
@@ -62,15 +63,7 @@ class FewShotGroups:
 def tiny_encoder(vocab_size: int, hidden: int = 32, layers: int = 2, seed: int = 0) -> BertModel:
     """A random bare BERT small enough for tests (mean-pooled, so no pooler)."""
     torch.manual_seed(seed)
-    config = BertConfig(
-        vocab_size=vocab_size,
-        hidden_size=hidden,
-        num_hidden_layers=layers,
-        num_attention_heads=2,
-        intermediate_size=2 * hidden,
-        max_position_embeddings=128,
-    )
-    return BertModel(config, add_pooling_layer=False)
+    return BertModel(tiny_bert_config(vocab_size, hidden, layers), add_pooling_layer=False)
 
 
 class FewShotBackbone:
