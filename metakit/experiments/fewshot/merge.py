@@ -100,7 +100,7 @@ def merge_folders(sources: Sequence[str | Path], out_dir: str | Path) -> dict[st
         merged = {
             "units": [unit for result in results for unit in result["units"]],
             "meta": {k: v for result in results for k, v in result.get("meta", {}).items()},
-            "skipped": sorted({tuple(s) for result in results for s in result.get("skipped", [])}),
+            "skipped": [list(s) for s in sorted({tuple(s) for r in results for s in r.get("skipped", [])})],
             "elapsed_seconds": sum(result.get("elapsed_seconds", 0.0) for result in results),
             "config": merged_config,
             "environment": results[0].get("environment"),
@@ -111,7 +111,6 @@ def merge_folders(sources: Sequence[str | Path], out_dir: str | Path) -> dict[st
             ],
             "merged_from": [source.name for source in sources],
         }
-        merged["skipped"] = [list(s) for s in merged["skipped"]]
         (out / ".gitignore").write_text(IGNORED, encoding="utf-8")
         fingerprint = FewShotConfig(**merged_config).fingerprint()
         write_json(out / "config.json", {"fingerprint": fingerprint, "config": merged_config})
