@@ -32,7 +32,7 @@ import torchopt
 import metakit as mk
 from benchmarks.environment import describe_environment
 from benchmarks.workloads import WORKLOADS
-from metakit.distributed import Distributed
+from metakit.executors import Distributed
 
 ROOT = Path(__file__).resolve().parents[1]
 

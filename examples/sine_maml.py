@@ -36,7 +36,7 @@ import torchopt
 from tqdm import trange
 
 import metakit as mk
-from metakit.distributed import Distributed
+from metakit.executors import Distributed
 from metakit.logging import TensorBoardLogger
 from metakit.tasks import SineTasks, mse_loss, sine_mlp
 

@@ -5,6 +5,7 @@ Compose a meta-learner from a model, a loss, an :class:`InnerLoop`, the outer pa
 """
 
 from metakit import executors, tasks
+from metakit.capabilities import Capabilities, CompositionError
 from metakit.functional import bind, double_backward_safe
 from metakit.implicit import ImplicitResidualError, ImplicitResidualWarning
 from metakit.inner import InnerLoop, InnerLossError
@@ -21,6 +22,8 @@ from metakit.task import Task
 __version__ = "0.1.0"
 
 __all__ = [
+    "Capabilities",
+    "CompositionError",
     "Cut",
     "CutError",
     "Finding",

@@ -10,7 +10,7 @@ until the optimality residual is below ``residual_tol``.
 
 from __future__ import annotations
 
-import itertools
+import dataclasses
 import warnings
 from collections.abc import Mapping
 
@@ -18,9 +18,9 @@ import torch
 from torchopt.diff.implicit import custom_root
 from torchopt.linear_solve import solve_cg
 
-from metakit.functional import double_backward_safe
-from metakit.inner import check_finite_trace, fresh_leaves
-from metakit.problem import Strategy, TaskGradient, TaskProblem, detached, gradients_by_name
+from metakit.capabilities import Capabilities
+from metakit.problem import Strategy, TaskGradient, TaskProblem, gradients_by_name
+from metakit.step import InnerStep, Plain, check_finite_trace, detached, fresh_leaves, run_steps
 
 __all__ = ["Implicit", "ImplicitResidualError", "ImplicitResidualWarning"]
 
@@ -56,7 +56,7 @@ class Implicit(Strategy):
         >>> strategy = mk.Implicit(lam=2.0, max_inner_steps=200, residual_tol=1e-2)  # solve to 1 %
     """
 
-    supports_learned_lr = False
+    capabilities = Capabilities(double_backward=True, functional=False, learned_lr=False, loss_scaling=False)
 
     def __init__(
         self,
@@ -91,32 +91,24 @@ class Implicit(Strategy):
 
     def task_gradient(self, problem: TaskProblem) -> TaskGradient:
         inner_names = list(problem.start)
-        support, context = problem.inner_inputs(differentiable=True)
-        # The context tensors the meta-gradient flows into (outer-only parameters, or the features of
-        # a cut with their graph to the backbone) are custom_root inputs; the rest are constants.
-        live = {name: value for name, value in context.items() if value.requires_grad}
-        frozen = {name: value.detach() for name, value in context.items() if not value.requires_grad}
-        outer_only_names = list(live)
-        objective, lam = problem.objective, self.lam
+        # The live context (outer-only parameters, or a cut's features with their graph to the
+        # backbone) are custom_root inputs, so the implicit term flows into them.
+        step, live = problem.inner_step(differentiable=True)
+        live_names = list(live)
+        lam = self.lam
         solved: dict[str, torch.Tensor] = {}
         cg_residuals: list[torch.Tensor] = []
 
-        def support_loss(phi, outer_only):
-            return objective(
-                {
-                    **frozen,
-                    **dict(zip(outer_only_names, outer_only, strict=True)),
-                    **dict(zip(inner_names, phi, strict=True)),
-                },
-                support,
+        def optimality(phi, theta, live_values):
+            # custom_root differentiates this with torch.func transforms: a functional step gradient.
+            grads, _ = step.gradient(
+                0,
+                dict(zip(inner_names, phi, strict=True)),
+                dict(zip(live_names, live_values, strict=True)),
+                create_graph=True,
+                functional=True,
             )
-
-        def optimality(phi, theta, outer_only):
-            # custom_root differentiates this with torch.func transforms, so the support gradient is a
-            # torch.func.grad too (torch.autograd.grad cannot see through functorch's wrappers).
-            with double_backward_safe():
-                grads = torch.func.grad(support_loss)(phi, outer_only)
-            return tuple(g + lam * (p - t) for g, p, t in zip(grads, phi, theta, strict=True))
+            return tuple(grads[n] + lam * (p - t) for n, p, t in zip(inner_names, phi, theta, strict=True))
 
         def solve_and_measure(matvec, b):
             solution = solve_cg(maxiter=self.cg_steps, rtol=self.rtol, atol=self.atol)(matvec, b)
@@ -126,19 +118,14 @@ class Implicit(Strategy):
             return solution
 
         @custom_root(optimality, argnums=(1, 2), solve=solve_and_measure)
-        def solve(phi, theta, outer_only):
+        def solve(phi, theta, live_values):
             # custom_root runs this inside autograd.Function.forward, where grad mode is off.
             with torch.enable_grad():
-                step_context = {
-                    **frozen,
-                    **{n: t.detach() for n, t in zip(outer_only_names, outer_only, strict=True)},
-                }
                 anchors = {name: t.detach() for name, t in zip(inner_names, theta, strict=True)}
-                adapted = self._solve_inner(
-                    problem, dict(zip(inner_names, phi, strict=True)), step_context, anchors, support
-                )
-            solved.update(adapted)
-            return tuple(adapted["params"][name] for name in inner_names)
+                proximal = dataclasses.replace(step, regularizer=lambda params: _proximal(params, anchors, lam))
+                live_now = {n: v.detach() for n, v in zip(live_names, live_values, strict=True)}
+                solved.update(self._solve_inner(problem, proximal, dict(zip(inner_names, phi, strict=True)), live_now))
+            return tuple(solved["params"][name] for name in inner_names)
 
         theta = tuple(problem.start.values())
         with warnings.catch_warnings():
@@ -155,42 +142,22 @@ class Implicit(Strategy):
             query_loss.detach(), solved["losses"], grads, {}, detached(adapted), diagnostics=diagnostics
         )
 
-    def _solve_inner(self, problem: TaskProblem, start, context, anchors, support) -> dict:
-        """Minimise the proximal objective from ``start``; stop at ``max_inner_steps`` or the tolerance."""
-        inner, lam = problem.inner, self.lam
-        objective = problem.objective
-        limit = max(inner.steps, self.max_inner_steps or inner.steps)
-        current = fresh_leaves(start)
-        state = inner.init(current)
-        losses: list[torch.Tensor] = []
-        reference = None
-        for step in itertools.count():
-            grads, loss = inner.gradient(
-                current,
-                support,
-                context,
-                objective=objective,
-                regularizer=lambda params: _proximal(params, anchors, lam),
-                where=f"support loss of task {problem.index} at inner step {step}",
-            )
-            # At φ = θ the proximal term's gradient is zero: the first gradient is ∇L_support(θ).
-            norm = _norm(list(grads.values())).detach()
-            reference = norm if reference is None else reference
-            residual = norm / reference.clamp_min(torch.finfo(norm.dtype).tiny)
-            if step < inner.steps:
-                losses.append(loss.detach())
-            if step >= inner.steps and (residual <= self.residual_tol or step >= limit):
-                losses.append(loss.detach())
-                break
-            current, state = inner.update(grads, state, current)
-            current = fresh_leaves(current)
-        trace = torch.stack(losses)
+    def _solve_inner(self, problem: TaskProblem, step: InnerStep, start: dict, live: dict) -> dict:
+        """Minimise the proximal objective from ``start`` through the one loop, until :class:`_Solved`."""
+        steps = problem.inner.steps
+        stop = _Solved(steps, max(steps, self.max_inner_steps or steps), self.residual_tol)
+        params = fresh_leaves(start)
+        done = run_steps(
+            step, params, step.init_state(params), live, None, first=0, stop=stop, runner=Plain(create_graph=False)
+        )
+        assert done.last is not None  # _Solved probes the gradient at every point
+        trace = torch.stack([*done.losses[:steps], done.last[1].detach()])
         check_finite_trace(trace, problem.index)
         return {
-            "params": {name: value.detach() for name, value in current.items()},
+            "params": detached(done.params),
             "losses": trace,
-            "residual": residual,
-            "steps": torch.tensor(step),
+            "residual": stop.residual,
+            "steps": torch.tensor(done.index),
         }
 
     def _check(self, diagnostics: Mapping[str, torch.Tensor], task_index: int) -> None:
@@ -225,6 +192,27 @@ class Implicit(Strategy):
                 ImplicitResidualWarning,
                 stacklevel=4,
             )
+
+
+class _Solved:
+    """Implicit's stop: after at least ``steps`` steps, once the relative optimality residual
+    ``‖∇(L + prox)(φ)‖ / ‖∇L(θ)‖`` is at most ``tol``, or at step ``limit``."""
+
+    def __init__(self, steps: int, limit: int, tol: float):
+        self.steps, self.limit, self.tol = steps, limit, tol
+        self.reference: torch.Tensor | None = None
+        self.residual = torch.tensor(float("nan"))
+
+    def done(self, index: int, probe) -> bool:
+        grads, _ = probe()
+        # At φ = θ the proximal term's gradient is zero: the first gradient is ∇L_support(θ).
+        norm = _norm(list(grads.values())).detach()
+        self.reference = norm if self.reference is None else self.reference
+        self.residual = norm / self.reference.clamp_min(torch.finfo(norm.dtype).tiny)
+        return index >= self.steps and (bool(self.residual <= self.tol) or index >= self.limit)
+
+    def left(self, index: int) -> int:
+        return 1
 
 
 def _proximal(

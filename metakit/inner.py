@@ -21,10 +21,19 @@ import torch
 import torchopt
 from torchopt.base import GradientTransformation
 
-from metakit.buffers import BufferPolicy, check_policy, eval_statistics, task_buffers
-from metakit.functional import bind, double_backward_safe
-from metakit.precision import scaled_grad
+from metakit.buffers import BufferPolicy, TaskBuffers, check_policy
+from metakit.functional import bind
 from metakit.spec import Spec
+from metakit.step import (
+    InnerLossError,
+    InnerStep,
+    Plain,
+    Regularizer,
+    check_finite_trace,
+    check_scalar_loss,
+    fresh_leaves,
+    unroll,
+)
 from metakit.task import LossFn
 
 __all__ = [
@@ -33,19 +42,16 @@ __all__ = [
     "InnerLoop",
     "InnerLossError",
     "Objective",
+    "check_finite_trace",
     "check_scalar_loss",
+    "fresh_leaves",
+    "model_forward",
     "model_objective",
 ]
 
 Params = dict[str, torch.Tensor]
 #: ``objective(params, batch) -> scalar``: the loss of the model run on ``params`` (inner ∪ context).
 Objective = Callable[[Mapping[str, torch.Tensor], Any], torch.Tensor]
-#: ``regularizer(inner_params) -> scalar``: a term added to the differentiated loss, not to the trace.
-Regularizer = Callable[[Params], torch.Tensor]
-
-
-class InnerLossError(FloatingPointError):
-    """The support loss became NaN or infinite during the inner loop."""
 
 
 def model_objective(
@@ -65,32 +71,38 @@ def model_objective(
         >>> objective(dict(model.named_parameters()), task.support)  # doctest: +SKIP
     """
     check_policy(buffers)
-    values = task_buffers(model, buffers)  # once per objective, not once per step
-    frozen = buffers == "frozen" and adapting
+    task = TaskBuffers(model, buffers)  # once per objective, not once per step
 
     def objective(params: Mapping[str, torch.Tensor], batch: Any) -> torch.Tensor:
-        with eval_statistics(model, frozen):
-            return loss_fn(bind(model, params, check_names=False, buffers=values), batch)
+        step = InnerStep(None, model_forward(model, loss_fn), model, task, batch)
+        return step.loss(params, {}, adapting=adapting)
 
     return objective
 
 
+def model_forward(model: torch.nn.Module, loss_fn: LossFn):
+    """``forward(params, batch, buffers) = loss_fn(bind(model, params, buffers=buffers), batch)``."""
+
+    def forward(params: Mapping[str, torch.Tensor], batch: Any, buffers: Mapping[str, torch.Tensor]):
+        return loss_fn(bind(model, params, check_names=False, buffers=buffers), batch)
+
+    return forward
+
+
 @dataclass
 class Adaptation:
-    """What one run of :meth:`InnerLoop.adapt` produced.
+    """What one run of the inner loop produced.
 
     Attributes:
-        params: the adapted inner parameters after the last step (carrying autograd history
-            through the differentiated steps, if any).
-        anchor: the leaf tensors where the differentiated segment starts (``params`` itself when no
-            step is differentiated). The meta-gradient of a parameter in inner ∩ outer is the
-            gradient with respect to its anchor: the steps before it count as identity.
+        params: the adapted inner parameters after the last step. Through the differentiated steps
+            they carry autograd history to the start values; the steps before count as identity
+            (``start + (φ - start).detach()``), so the meta-gradient of a parameter in inner ∩ outer is
+            taken with respect to its start value itself.
         losses: support loss before each step and after the last, shape ``[steps + 1]``, detached.
         state: the optimizer state after the last step.
     """
 
     params: Params
-    anchor: Params
     losses: torch.Tensor
     state: Any = None
 
@@ -170,6 +182,29 @@ class InnerLoop:
             updates = {name: update * lr_scales[name] for name, update in updates.items()}
         return torchopt.apply_updates(params, updates, inplace=False), state
 
+    def as_step(
+        self,
+        batch: Any,
+        context: Mapping[str, torch.Tensor],
+        objective: Objective,
+        *,
+        regularizer: Regularizer | None = None,
+        loss_scale: float | None = None,
+        task_index: int = 0,
+    ) -> InnerStep:
+        """This loop's step on ``batch`` for an objective over one dict (``context`` its constants)."""
+        return InnerStep(
+            self,
+            lambda params, batch, _buffers: objective(params, batch),
+            None,
+            TaskBuffers(None),
+            batch,
+            constants=dict(context),
+            loss_scale=loss_scale,
+            regularizer=regularizer,
+            task_index=task_index,
+        )
+
     def gradient(
         self,
         params: Mapping[str, torch.Tensor],
@@ -179,7 +214,6 @@ class InnerLoop:
         objective: Objective,
         create_graph: bool = False,
         regularizer: Regularizer | None = None,
-        where: str = "support loss",
         loss_scale: float | None = None,
     ) -> tuple[Params, torch.Tensor]:
         """The gradient of the support loss (plus ``regularizer``) at ``params``: ``(grads, loss)``.
@@ -187,13 +221,8 @@ class InnerLoop:
         ``loss`` is the support loss without the regularizer, not detached. ``loss_scale`` (float16)
         computes it as ``grad(S · loss) / S``, the same function with no underflow inside the network.
         """
-        params = dict(params)
-        with double_backward_safe(create_graph):
-            loss = objective({**context, **params}, batch)
-        check_scalar_loss(loss, where)
-        total = loss + regularizer(params) if regularizer is not None else loss
-        grads = scaled_grad(total, tuple(params.values()), loss_scale, create_graph=create_graph)
-        return dict(zip(params, grads, strict=True)), loss
+        step = self.as_step(batch, context, objective, regularizer=regularizer, loss_scale=loss_scale)
+        return step.gradient(0, params, {}, create_graph=create_graph)
 
     def step(
         self,
@@ -206,7 +235,6 @@ class InnerLoop:
         objective: Objective,
         lr_scales: Mapping[str, torch.Tensor] | None = None,
         regularizer: Regularizer | None = None,
-        where: str = "support loss",
         loss_scale: float | None = None,
     ) -> tuple[Params, Any, torch.Tensor]:
         """One update of the inner parameters on ``batch``: ``(new params, new state, loss)``.
@@ -218,27 +246,17 @@ class InnerLoop:
             context: the other parameters the forward needs.
             create_graph: keep the graph of the gradient, so the step can be differentiated
                 (second order); otherwise the inner gradient is a constant.
-            objective: ``objective({**context, **params}, batch) -> scalar``
-                (:func:`model_objective`).
+            objective: ``objective({**context, **params}, batch) -> scalar`` (:func:`model_objective`).
             lr_scales: MetaSGD scales, one tensor per inner parameter.
             regularizer: a term added to the differentiated loss (iMAML's proximal term), not to
                 the returned loss.
-            where: names the loss in error messages.
             loss_scale: float16 loss scaling of the gradient (:func:`metakit.precision.scaled_grad`).
 
         Returns:
             The updated parameters, the new state and the loss before the update (not detached).
         """
-        grads, loss = self.gradient(
-            params,
-            batch,
-            context,
-            objective=objective,
-            create_graph=create_graph,
-            regularizer=regularizer,
-            where=where,
-            loss_scale=loss_scale,
-        )
+        step = self.as_step(batch, context, objective, regularizer=regularizer, loss_scale=loss_scale)
+        grads, loss = step.gradient(0, params, {}, create_graph=create_graph)
         new_params, state = self.update(grads, state, params, lr_scales)
         return new_params, state, loss
 
@@ -259,13 +277,14 @@ class InnerLoop:
     ) -> Adaptation:
         """Adapt ``params`` on ``batch`` for ``steps`` steps; the last ``differentiable_steps`` keep their graph.
 
-        The steps before the differentiated segment see fresh leaves and a detached context, so no
-        graph is built through them.
+        The steps before the differentiated segment see a detached context and count as identity
+        for ``params`` (:func:`metakit.step.unroll`, the loop every strategy runs).
 
         Args:
             params: initial values of the inner parameters (the learner's current values).
             batch: the support batch.
-            context: the other parameters the forward needs, as live tensors.
+            context: the other parameters the forward needs; those that require grad are live (the
+                meta-gradient flows into them through the differentiated steps).
             objective: ``objective(params, batch) -> scalar`` (:func:`model_objective`).
             differentiable_steps: how many of the last steps are differentiated (0: first order).
             lr_scales: MetaSGD scales, one tensor per inner parameter, or ``None``.
@@ -275,93 +294,19 @@ class InnerLoop:
                 without a graph); otherwise the trace's last entry is NaN.
             loss_scale: float16 loss scaling of the inner gradients.
         """
-        steps = self.steps
-        first_differentiable = steps - min(max(differentiable_steps, 0), steps)
-        detached_context = {name: value.detach() for name, value in context.items()}
-        losses: list[torch.Tensor] = []
-        # Differentiated from the first step: the live tensors are the anchor (no copies needed).
-        current = dict(params) if first_differentiable == 0 and _all_leaves(params) else fresh_leaves(params)
-        state = self.init(current)
-        anchor = current
-        for step in range(steps):
-            differentiable = step >= first_differentiable
-            if step == first_differentiable:
-                anchor = current
-            current, state, loss = self.step(
-                current,
-                state,
-                batch,
-                context if differentiable else detached_context,
-                create_graph=differentiable,
-                objective=objective,
-                lr_scales=lr_scales,
-                regularizer=regularizer,
-                where=f"support loss of task {task_index} at inner step {step}",
-                loss_scale=loss_scale,
-            )
-            losses.append(loss.detach())
-            if not differentiable:
-                current = fresh_leaves(current)
-        if first_differentiable == steps:
-            anchor = current
-        losses.append(
-            self.final_loss(current, batch, detached_context, objective)
-            if trace_final
-            else torch.full_like(losses[0], float("nan"))
+        live = {name: value for name, value in context.items() if value.requires_grad}
+        constants = {name: value.detach() for name, value in context.items() if name not in live}
+        step = self.as_step(
+            batch, constants, objective, regularizer=regularizer, loss_scale=loss_scale, task_index=task_index
         )
-        trace = torch.stack(losses)
-        check_finite_trace(trace if trace_final else trace[:-1], task_index, has_final=trace_final)
-        return Adaptation(params=current, anchor=anchor, losses=trace, state=state)
-
-    @staticmethod
-    def final_loss(
-        params: Mapping[str, torch.Tensor],
-        batch: Any,
-        context: Mapping[str, torch.Tensor],
-        objective: Objective,
-    ) -> torch.Tensor:
-        """The support loss at ``params``, without a graph (the trace's last entry)."""
-        with torch.no_grad():
-            detached = {name: value.detach() for name, value in params.items()}
-            return objective({**context, **detached}, batch).detach()
-
-
-def _all_leaves(params: Mapping[str, torch.Tensor]) -> bool:
-    return all(value.requires_grad and value.grad_fn is None for value in params.values())
-
-
-def fresh_leaves(params: Mapping[str, torch.Tensor]) -> Params:
-    """Detached copies of ``params`` that require grad: the start of a new graph."""
-    return {name: value.detach().requires_grad_(True) for name, value in params.items()}
-
-
-def check_scalar_loss(loss: Any, what: str) -> None:
-    """Raise a ``ValueError`` unless ``loss`` is a scalar floating-point tensor."""
-    if not isinstance(loss, torch.Tensor):
-        raise TypeError(
-            f"The {what} must be a scalar tensor; the loss function returned {type(loss).__name__}."
+        adapted, trace, state = unroll(
+            step,
+            dict(params),
+            live,
+            dict(lr_scales) if lr_scales else None,
+            steps=self.steps,
+            differentiable_steps=differentiable_steps,
+            runner=Plain(create_graph=True),
+            trace_final=trace_final,
         )
-    if loss.ndim != 0:
-        raise ValueError(
-            f"The {what} must be a scalar tensor, got shape {tuple(loss.shape)}; reduce it "
-            "(e.g. .mean()) inside the loss function."
-        )
-    if not loss.is_floating_point():
-        raise ValueError(f"The {what} must be a floating-point scalar, got dtype {loss.dtype}.")
-
-
-def check_finite_trace(trace: torch.Tensor, task_index: int, *, has_final: bool = True) -> None:
-    """Raise :class:`InnerLossError` at the first non-finite support loss of ``trace``.
-
-    ``trace`` holds the loss before each step, then (``has_final``) the loss after the last one.
-    """
-    bad = ~torch.isfinite(trace)
-    if bool(bad.any()):
-        step = int(bad.nonzero()[0, 0])
-        last = has_final and step == len(trace) - 1
-        where = f"after the last step ({step - 1})" if last else f"at inner step {step}"
-        raise InnerLossError(
-            f"The support loss of task {task_index} is {trace[step].item()} {where} "
-            f"(losses so far: {trace[: step + 1].tolist()}). Lower the inner learning rate, clip the "
-            "inner gradients (torchopt.chain(torchopt.clip_grad_norm(1.0), ...)) or check the task's data."
-        )
+        return Adaptation(params=adapted, losses=trace, state=state)

@@ -1,9 +1,11 @@
 """Exact meta-gradients whose memory hardly grows with the number of inner steps.
 
-Two ways to run the differentiated inner steps of :class:`~metakit.SecondOrder` without keeping
-every step's activations until the outer backward pass:
+Two runners (:mod:`metakit.step`) of the differentiated inner steps of :class:`~metakit.SecondOrder`
+that do not keep every step's activations until the outer backward pass. Both run the task's one
+:class:`~metakit.step.InnerStep`; a recomputation runs it again through the one loop
+(:func:`~metakit.step.run_steps`), on throw-away buffers:
 
-- :func:`unroll_forward_over_reverse` (``SecondOrder(hvp="forward")``, MixFlow-MG, Kemaev et al.
+- :class:`ForwardOverReverse` (``SecondOrder(hvp="forward")``, MixFlow-MG, Kemaev et al.
   2025). Each inner step is one custom autograd op. Its forward computes the update with a plain,
   first-order gradient and keeps only the step's inputs (inner parameters, optimizer state) and
   that gradient. Its backward pulls the adjoint through the optimizer's update by reverse mode
@@ -12,7 +14,7 @@ every step's activations until the outer backward pass:
   one forward-over-reverse pass, ``torch.func.jvp`` of ``torch.func.grad`` of the support loss
   along ``v``. Memory: S × (inner parameters + optimizer state + gradient) plus one step's
   activations.
-- :func:`unroll_checkpointed` (``SecondOrder(checkpoint=k)``): the usual reverse-over-reverse
+- :class:`Recomputed` (``SecondOrder(checkpoint=k)``): the usual reverse-over-reverse
   graph, recomputed in segments of ``k`` steps during the backward pass, each segment freed once its
   adjoints are through. Memory grows like S/k segment boundaries plus one segment's k steps.
 
@@ -31,16 +33,9 @@ import optree
 import torch
 
 from metakit.functional import double_backward_safe
-from metakit.inner import (
-    Adaptation,
-    InnerLoop,
-    Objective,
-    check_finite_trace,
-    check_scalar_loss,
-    fresh_leaves,
-)
+from metakit.step import FixedSteps, InnerStep, Plain, run_steps
 
-__all__ = ["ForwardModeError", "unroll_checkpointed", "unroll_forward_over_reverse"]
+__all__ = ["ForwardModeError", "ForwardOverReverse", "Recomputed", "forward_mode_error"]
 
 Params = dict[str, torch.Tensor]
 
@@ -143,13 +138,6 @@ def _layout(
     return layout, leaves
 
 
-def _split_context(context: Mapping[str, torch.Tensor]) -> tuple[Params, Params]:
-    """(tensors the meta-gradient flows into, constants)."""
-    live = {name: value for name, value in context.items() if value.requires_grad}
-    constants = {name: value.detach() for name, value in context.items() if not value.requires_grad}
-    return live, constants
-
-
 class _RandomState:
     """The RNG state at a step's start, so that recomputing the step draws the same numbers."""
 
@@ -176,15 +164,13 @@ class _RandomState:
 
 # -- forward over reverse -------------------------------------------------------------------------
 @dataclass
-class _Step:
-    """The non-tensor part of one forward-over-reverse step."""
+class _Call:
+    """The non-tensor part of one op over inner steps: the step, where it starts, how many it runs."""
 
-    inner: InnerLoop
-    objective: Objective
-    batch: Any
-    constants: Params
+    step: InnerStep
     layout: _Layout
-    where: str
+    index: int
+    count: int = 1
     random: _RandomState | None = None
 
 
@@ -192,19 +178,17 @@ class _ForwardOverReverseStep(torch.autograd.Function):
     """One inner step whose backward forms Hessian-vector products by forward over reverse mode."""
 
     @staticmethod
-    def forward(ctx, step: _Step, *flat: torch.Tensor):  # type: ignore[override]
-        layout = step.layout
+    def forward(ctx, call: _Call, *flat: torch.Tensor):  # type: ignore[override]
+        step, layout = call.step, call.layout
         params, state_leaves, context, lr = layout.split(flat)
-        step.random = _RandomState(list(params) + list(context))
+        call.random = _RandomState(list(params) + list(context))
         with torch.enable_grad():  # an autograd.Function's forward runs with grad mode off
             leaves = [p.detach().requires_grad_(True) for p in params]
-            loss = step.objective(
-                {**step.constants, **layout.context([c.detach() for c in context]), **layout.params(leaves)},
-                step.batch,
+            grads, loss = step.gradient(
+                call.index, layout.params(leaves), layout.context([c.detach() for c in context]), create_graph=False
             )
-            check_scalar_loss(loss, step.where)
-            grads = torch.autograd.grad(loss, leaves)
-        new_params, new_state = step.inner.update(
+        grads = list(grads.values())
+        new_params, new_state = step.update(
             layout.params(grads),
             layout.state(state_leaves),
             layout.params([p.detach() for p in params]),
@@ -212,7 +196,7 @@ class _ForwardOverReverseStep(torch.autograd.Function):
         )
         new_leaves = optree.tree_leaves(new_state)
         loss = loss.detach()
-        ctx.step = step
+        ctx.call = call
         ctx.save_for_backward(*params, *state_leaves, *context, *lr, *grads)
         ctx.mark_non_differentiable(
             loss,
@@ -222,8 +206,8 @@ class _ForwardOverReverseStep(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, *adjoints: torch.Tensor | None):  # type: ignore[override]
-        step: _Step = ctx.step
-        layout = step.layout
+        call: _Call = ctx.call
+        step, layout = call.step, call.layout
         n_p, n_s, n_c, n_lr = layout.sizes
         saved = ctx.saved_tensors
         params, state_leaves, context, lr = layout.split(saved)
@@ -241,7 +225,7 @@ class _ForwardOverReverseStep(torch.autograd.Function):
                 for s, is_float in zip(state_leaves, layout.state_is_float, strict=True)
             ]
             lr_in = [s.detach().requires_grad_(True) for s in lr]
-            new_params, new_state = step.inner.update(
+            new_params, new_state = step.update(
                 layout.params(g_in), layout.state(s_in), layout.params(p_in), layout.lr_scales(lr_in)
             )
             outputs = list(new_params.values())
@@ -262,29 +246,22 @@ class _ForwardOverReverseStep(torch.autograd.Function):
         grad_lr = pulled[2 * n_p + len(float_state) :]
 
         # 2. Forward over reverse: H_pp v and the mixed term H_cp v in one jvp of the gradient.
-        hvp_params, hvp_context = _hessian_vector_products(step, params, context, v)
+        hvp_params, hvp_context = _hessian_vector_products(call, params, context, v)
         grad_params = [g + h for g, h in zip(grad_params, hvp_params, strict=True)]
         grad_state = [next(grad_float_state) if is_float else None for is_float in layout.state_is_float]
         return (None, *grad_params, *grad_state, *hvp_context, *grad_lr)
 
 
 def _hessian_vector_products(
-    step: _Step, params: Sequence[torch.Tensor], context: Sequence[torch.Tensor], v: Sequence[torch.Tensor]
+    call: _Call, params: Sequence[torch.Tensor], context: Sequence[torch.Tensor], v: Sequence[torch.Tensor]
 ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    layout = step.layout
-    context_values = layout.context([c.detach() for c in context])
-
-    def loss(inner: Params, outer: Params) -> torch.Tensor:
-        return step.objective({**step.constants, **outer, **inner}, step.batch)
-
-    def gradient(inner: Params) -> tuple[Params, Params]:
-        return torch.func.grad(loss, argnums=(0, 1))(inner, context_values)
-
+    layout = call.layout
+    gradient = call.step.gradient_with_live(call.index, {}, layout.context([c.detach() for c in context]))
     primals = layout.params([p.detach() for p in params])
     tangents = layout.params([t.detach() for t in v])
-    assert step.random is not None
+    assert call.random is not None
     try:
-        with step.random.restored(), double_backward_safe():
+        with call.random.restored(), double_backward_safe():
             _, (hvp_inner, hvp_outer) = torch.func.jvp(gradient, (primals,), (tangents,))
     except (RuntimeError, NotImplementedError) as error:
         translated = forward_mode_error(error)
@@ -298,77 +275,22 @@ def _or_zeros(adjoint: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
     return torch.zeros_like(like) if adjoint is None else adjoint
 
 
-def unroll_forward_over_reverse(
-    inner: InnerLoop,
-    params: Mapping[str, torch.Tensor],
-    batch: Any,
-    context: Mapping[str, torch.Tensor],
-    *,
-    objective: Objective,
-    lr_scales: Mapping[str, torch.Tensor] | None = None,
-    task_index: int = 0,
-    trace_final: bool = True,
-) -> Adaptation:
-    """Every inner step differentiable, with Hessian-vector products formed by forward over reverse.
-
-    Same arguments as :meth:`InnerLoop.adapt` with every step differentiated; the result's
-    ``params`` carry a graph of one op per step, which holds only that step's inputs.
-    """
-
-    def one_step(layout: _Layout, constants: Params, first: int, count: int):
-        where = f"support loss of task {task_index} at inner step {first}"
-        return _ForwardOverReverseStep, _Step(inner, objective, batch, constants, layout, where)
-
-    return _unroll(
-        inner,
-        params,
-        batch,
-        context,
-        objective,
-        lr_scales,
-        task_index,
-        trace_final,
-        chunk=1,
-        make_op=one_step,
+# -- recomputed segments --------------------------------------------------------------------------
+def _run_segment(call: _Call, flat: Sequence[torch.Tensor], *, create_graph: bool):
+    """``count`` steps from the segment's inputs through the one loop: (params, state leaves, losses)."""
+    layout = call.layout
+    params, state_leaves, context, lr = layout.split(flat)
+    done = run_steps(
+        call.step,
+        layout.params(params),
+        layout.state(state_leaves),
+        layout.context(context),
+        layout.lr_scales(lr),
+        first=call.index,
+        stop=FixedSteps(call.index + call.count),
+        runner=Plain(create_graph=create_graph, replay=create_graph),
     )
-
-
-@dataclass
-class _Segment:
-    """The non-tensor part of one recomputed segment of inner steps."""
-
-    inner: InnerLoop
-    objective: Objective
-    batch: Any
-    constants: Params
-    layout: _Layout
-    first: int
-    count: int
-    task_index: int
-    random: _RandomState | None = None
-
-    def run(self, flat: Sequence[torch.Tensor], *, create_graph: bool):
-        """``count`` steps from the segment's inputs: (params, state leaves, losses)."""
-        layout = self.layout
-        params, state_leaves, context, lr = layout.split(flat)
-        current, state = layout.params(params), layout.state(state_leaves)
-        full_context = {**self.constants, **layout.context(context)}
-        losses = []
-        for index in range(self.first, self.first + self.count):
-            current, state, loss = self.inner.step(
-                current,
-                state,
-                self.batch,
-                full_context,
-                create_graph=create_graph,
-                objective=self.objective,
-                lr_scales=layout.lr_scales(lr),
-                where=f"support loss of task {self.task_index} at inner step {index}",
-            )
-            if not create_graph:
-                current = fresh_leaves(current)
-            losses.append(loss.detach())
-        return list(current.values()), optree.tree_leaves(state), torch.stack(losses)
+    return list(done.params.values()), optree.tree_leaves(done.state), torch.stack(done.losses)
 
 
 class _RecomputedSegment(torch.autograd.Function):
@@ -376,26 +298,26 @@ class _RecomputedSegment(torch.autograd.Function):
     segment's reverse-over-reverse graph, pulls the adjoints through it and frees it."""
 
     @staticmethod
-    def forward(ctx, segment: _Segment, *flat: torch.Tensor):  # type: ignore[override]
-        segment.random = _RandomState(list(flat))
+    def forward(ctx, call: _Call, *flat: torch.Tensor):  # type: ignore[override]
+        call.random = _RandomState(list(flat))
         with torch.enable_grad(), double_backward_safe():  # the kernel the recomputation uses
             leaves = [x.detach().requires_grad_(True) if x.is_floating_point() else x for x in flat]
-            params, state_leaves, losses = segment.run(leaves, create_graph=False)
+            params, state_leaves, losses = _run_segment(call, leaves, create_graph=False)
         params = [p.detach() for p in params]
         state_leaves = [leaf.detach() for leaf in state_leaves]
-        ctx.segment = segment
+        ctx.call = call
         ctx.save_for_backward(*flat)
         ctx.mark_non_differentiable(losses, *(leaf for leaf in state_leaves if not leaf.is_floating_point()))
         return (*params, *state_leaves, losses)
 
     @staticmethod
     def backward(ctx, *adjoints: torch.Tensor | None):  # type: ignore[override]
-        segment: _Segment = ctx.segment
+        call: _Call = ctx.call
         flat = ctx.saved_tensors
-        assert segment.random is not None
-        with torch.enable_grad(), segment.random.restored(), double_backward_safe():
+        assert call.random is not None
+        with torch.enable_grad(), call.random.restored(), double_backward_safe():
             inputs = [x.detach().requires_grad_(True) if x.is_floating_point() else x.detach() for x in flat]
-            params, state_leaves, _ = segment.run(inputs, create_graph=True)
+            params, state_leaves, _ = _run_segment(call, inputs, create_graph=True)
             outputs, out_adjoints = [], []
             for output, adjoint in zip([*params, *state_leaves], adjoints[:-1], strict=True):
                 if adjoint is not None and output.requires_grad:
@@ -411,101 +333,37 @@ class _RecomputedSegment(torch.autograd.Function):
         return (None, *pulled)
 
 
-def unroll_checkpointed(
-    inner: InnerLoop,
-    params: Mapping[str, torch.Tensor],
-    batch: Any,
-    context: Mapping[str, torch.Tensor],
-    *,
-    objective: Objective,
-    segment: int,
-    lr_scales: Mapping[str, torch.Tensor] | None = None,
-    task_index: int = 0,
-    trace_final: bool = True,
-) -> Adaptation:
-    """Every inner step differentiable (reverse over reverse), recomputed in segments of ``segment`` steps.
+# -- the runners ----------------------------------------------------------------------------------
+class _OpRunner:
+    """Runs ``chunk`` inner steps as one custom autograd op over the steps' flat tensors."""
 
-    Same arguments as :meth:`InnerLoop.adapt` with every step differentiated. Only the parameters
-    and optimizer state at each segment boundary stay alive until the outer backward pass; each
-    segment's graph is rebuilt when the backward pass reaches it and freed once its adjoints are
-    pulled through (a custom autograd op: ``torch.utils.checkpoint`` keeps every recomputed
-    segment's double-backward graph alive until the end of the backward pass, which costs more
-    memory than not checkpointing at all).
-    """
+    chunk = 1
+    op: type[torch.autograd.Function]
 
-    def one_segment(layout: _Layout, constants: Params, first: int, count: int):
-        return _RecomputedSegment, _Segment(
-            inner, objective, batch, constants, layout, first, count, task_index
+    def run(self, step, index, count, params, state, live, lr, gradient=None):
+        layout, state_leaves = _layout(params, state, live, lr)
+        outputs = self.op.apply(
+            _Call(step, layout, index, count),
+            *params.values(),
+            *state_leaves,
+            *live.values(),
+            *(lr or {}).values(),
         )
-
-    return _unroll(
-        inner,
-        params,
-        batch,
-        context,
-        objective,
-        lr_scales,
-        task_index,
-        trace_final,
-        chunk=segment,
-        make_op=one_segment,
-    )
+        n_p = len(layout.param_names)
+        losses = list(outputs[-1].reshape(-1).unbind())
+        return layout.params(outputs[:n_p]), layout.state(outputs[n_p:-1]), losses
 
 
-def _unroll(inner, params, batch, context, objective, lr_scales, task_index, trace_final, *, chunk, make_op):
-    """Run every inner step through custom ops of ``chunk`` steps each; ``make_op`` builds one."""
-    anchor = fresh_leaves(params)
-    live_context, constants = _split_context(context)
-    state = inner.init({name: value.detach() for name, value in anchor.items()})
-    layout, state_leaves = _layout(anchor, state, live_context, lr_scales)
-    n_p = len(layout.param_names)
-    current = list(anchor.values())
-    losses: list[torch.Tensor] = []
-    for first in range(0, inner.steps, chunk):
-        op, meta = make_op(layout, constants, first, min(chunk, inner.steps - first))
-        outputs = op.apply(meta, *current, *state_leaves, *live_context.values(), *(lr_scales or {}).values())
-        current, state_leaves = list(outputs[:n_p]), list(outputs[n_p:-1])
-        losses.extend(outputs[-1].reshape(-1).unbind())
-    return _finish(
-        inner,
-        layout,
-        anchor,
-        current,
-        state_leaves,
-        losses,
-        batch,
-        {**constants, **_detached(live_context)},
-        objective=objective,
-        task_index=task_index,
-        trace_final=trace_final,
-    )
+class ForwardOverReverse(_OpRunner):
+    """``SecondOrder(hvp="forward")``: each step one op keeping its inputs and gradient only."""
+
+    op = _ForwardOverReverseStep
 
 
-def _finish(
-    inner: InnerLoop,
-    layout: _Layout,
-    anchor: Params,
-    current: list[torch.Tensor],
-    state_leaves: list[torch.Tensor],
-    losses: list[torch.Tensor],
-    batch: Any,
-    context: Params,
-    *,
-    objective: Objective,
-    task_index: int,
-    trace_final: bool,
-) -> Adaptation:
-    """The :class:`Adaptation` of an unroll: the trace (with the final support loss if asked), checked."""
-    adapted = layout.params(current)
-    losses.append(
-        inner.final_loss(adapted, batch, context, objective)
-        if trace_final
-        else torch.full_like(losses[0], float("nan"))
-    )
-    trace = torch.stack(losses)
-    check_finite_trace(trace if trace_final else trace[:-1], task_index, has_final=trace_final)
-    return Adaptation(params=adapted, anchor=anchor, losses=trace, state=layout.state(state_leaves))
+class Recomputed(_OpRunner):
+    """``SecondOrder(checkpoint=k)``: segments of ``k`` steps, recomputed in the backward pass."""
 
+    op = _RecomputedSegment
 
-def _detached(params: Mapping[str, torch.Tensor]) -> Params:
-    return {name: value.detach() for name, value in params.items()}
+    def __init__(self, segment: int):
+        self.chunk = segment

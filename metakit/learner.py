@@ -9,6 +9,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from metakit.capabilities import check_composition
 from metakit.executors import Executor, Sequential
 from metakit.inner import InnerLoop
 from metakit.problem import Partition, TaskProblem
@@ -59,7 +60,7 @@ class MetaLearner:
         logger: optional logger with ``log_meta_step(step, result, learner)`` (e.g.
             :class:`metakit.logging.TensorBoardLogger`).
         executor: where the tasks of a meta-batch run: :class:`~metakit.executors.Sequential`
-            (default), :class:`~metakit.vmap.Vmap`, or ``Distributed``.
+            (default), :class:`~metakit.executors.Vmap`, or ``Distributed``.
         cut: feature reuse: a :class:`~metakit.reuse.Cut` below which the inner loop changes
             nothing, so that part runs once per batch; ``"auto"`` finds it for the Hugging Face
             layouts metakit knows (:func:`metakit.peft.feature_cut`); ``None`` (default) runs the
@@ -113,7 +114,6 @@ class MetaLearner:
                 f"MetaLearner(executor=...) expects a metakit executor such as mk.executors.Sequential(), "
                 f"got {type(executor).__name__}."
             )
-        executor.check(strategy)
         self.executor = executor
         if inner_only not in ("keep", "first_task"):
             raise ValueError(f"inner_only must be 'keep' or 'first_task', got {inner_only!r}.")
@@ -133,25 +133,24 @@ class MetaLearner:
         self.shared_names = [n for n in inner_names if n in outer_set]
         self.inner_only_names = [n for n in inner_names if n not in outer_set]
         self.outer_only_names = [n for n in outer_names if n not in inner_set]
-        if self.outer_only_names and not strategy.supports_outer_only:
-            raise ValueError(
-                f"{strategy!r} needs every outer parameter to be adapted in the inner loop (outer ⊆ inner), "
-                f"but {len(self.outer_only_names)} are outer only, e.g. {self.outer_only_names[:3]}. "
-                "Add them to the inner spec, remove them from outer_params, or use another strategy."
-            )
         self.lr_scales = nn.ParameterDict()
+        self.cut = _resolve_cut(cut, model, inner.params)
+        self.precision = _check_precision(precision, model)
+        check_composition(
+            strategy,
+            executor,
+            model=model,
+            buffers=inner.buffers,
+            learn_lr=inner.learn_lr,
+            outer_only=self.outer_only_names,
+            cut=self.cut is not None,
+            precision=self.precision,
+        )
         if inner.learn_lr:
-            if not strategy.supports_learned_lr:
-                raise ValueError(
-                    f"InnerLoop(learn_lr=True) learns inner learning rates through the inner steps, but "
-                    f"{strategy!r} does not differentiate through them; use SecondOrder() or Truncated(k)."
-                )
             params = dict(model.named_parameters())
             for name in inner_names:
                 self.lr_scales[_scale_key(name)] = nn.Parameter(torch.ones_like(params[name]))
         self._lr_names = {_scale_key(name): name for name in inner_names} if inner.learn_lr else {}
-        self.cut = _resolve_cut(cut, model, inner.params)
-        self.precision = _check_precision(precision, model, strategy, executor)
         self.step = 0
 
     def __repr__(self) -> str:
@@ -205,9 +204,11 @@ class MetaLearner:
             for index, task in enumerate(tasks)
         ]
         batch = self.executor.run(self.strategy, problems)
+        grads = {name: g / batch.n_tasks for name, g in batch.grad_sums.items()}
+        lr_grads = {name: g / batch.n_tasks for name, g in batch.lr_grad_sums.items()}
 
-        _check_finite_grads({**batch.grads, **batch.lr_grads})
-        self._write_grads(params, batch.grads, batch.lr_grads)
+        _check_finite_grads({**grads, **lr_grads})
+        self._write_grads(params, grads, lr_grads)
         if self.inner_only == "first_task" and self.inner_only_names:
             with torch.no_grad():
                 for name in self.inner_only_names:
@@ -216,7 +217,7 @@ class MetaLearner:
             loss=batch.query_losses.mean(),
             inner_losses=batch.inner_losses,
             query_losses=batch.query_losses,
-            grad_norms=self._grad_norms(batch.grads, batch.lr_grads),
+            grad_norms=self._grad_norms(grads, lr_grads),
             diagnostics=batch.diagnostics,
         )
         if logger is not None:
@@ -235,8 +236,8 @@ class MetaLearner:
         lr_scales = {self._lr_names[k]: v.detach() for k, v in self.lr_scales.items()} or None
         problem = self._problem(task, 0, self._partition(params), lr_scales, trace_final=False)
         with torch.enable_grad():  # inner gradients are needed even when evaluating under no_grad()
-            adapted = problem.adapt(differentiable_steps=0)
-        return {name: value.detach() for name, value in adapted.params.items()}
+            adapted, _ = problem.adapt(differentiable_steps=0)
+        return {name: value.detach() for name, value in adapted.items()}
 
     # -- internals --------------------------------------------------------------------------------
     def _partition(self, params: dict[str, torch.Tensor]) -> Partition:
@@ -304,24 +305,10 @@ class MetaLearner:
         return norms
 
 
-def _check_precision(precision: str, model: nn.Module, strategy: Strategy, executor: Executor) -> str:
-    from metakit.implicit import Implicit
+def _check_precision(precision: str, model: nn.Module) -> str:
     from metakit.precision import autocast_dtype
-    from metakit.strategies import SecondOrder
 
-    device = next(model.parameters()).device.type
-    dtype = autocast_dtype(precision, device)  # names the choices, refuses fp16 off CUDA
-    lean = isinstance(strategy, SecondOrder) and (
-        strategy.hvp == "forward" or strategy.checkpoint is not None
-    )
-    if dtype is torch.float16 and (
-        lean or isinstance(strategy, Implicit) or type(executor).__name__ == "Vmap"
-    ):
-        raise ValueError(
-            f"precision='fp16' scales its gradients to avoid underflow, which {strategy!r} with "
-            f"{executor!r} does not do yet; use precision='bf16' (no loss scaling needed) or SecondOrder(), "
-            "FirstOrder(), Truncated(k), Reptile() with Sequential()."
-        )
+    autocast_dtype(precision, next(model.parameters()).device.type)  # names the choices, refuses fp16 off CUDA
     return precision
 
 

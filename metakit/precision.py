@@ -74,7 +74,8 @@ def precision_objective(objective: Objective, precision: str, device_type: str) 
     """``objective`` with its forward pass under autocast in ``precision``; the loss in float32.
 
     Args:
-        objective: ``objective(params, batch) -> scalar loss`` (e.g. ``metakit.inner.model_objective``).
+        objective: ``objective(params, batch, ...) -> scalar loss`` (e.g. ``metakit.inner.model_objective``;
+            any further arguments are passed through).
         precision: ``"fp32"`` (returns ``objective`` itself), ``"bf16"`` or ``"fp16"`` (CUDA only; take
             its gradients with :func:`scaled_grad`).
         device_type: where the parameters are (``"cpu"`` or ``"cuda"``).
@@ -86,9 +87,9 @@ def precision_objective(objective: Objective, precision: str, device_type: str) 
     if dtype is None:
         return objective
 
-    def low_precision_objective(params: Mapping[str, torch.Tensor], batch: Any) -> torch.Tensor:
+    def low_precision_objective(*args: Any, **kwargs: Any) -> torch.Tensor:
         with torch.autocast(device_type, dtype=dtype):
-            loss = objective(params, batch)
+            loss = objective(*args, **kwargs)
         return loss.float()
 
     return low_precision_objective

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import abc
+import dataclasses
 import functools
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -11,9 +12,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from metakit.inner import Adaptation, InnerLoop, Objective, Regularizer, check_scalar_loss, model_objective
+from metakit.buffers import TaskBuffers, eval_statistics
+from metakit.capabilities import Capabilities
+from metakit.inner import InnerLoop, model_forward
 from metakit.precision import loss_scale_for, precision_objective, scaled_grad
 from metakit.reuse import FEATURES, Cut
+from metakit.step import InnerStep, Plain, Regularizer, Runner, detached, unroll
 from metakit.task import LossFn, Task
 
 __all__ = ["Partition", "Strategy", "TaskGradient", "TaskProblem", "detached", "gradients_by_name"]
@@ -53,6 +57,9 @@ class TaskProblem:
     """Everything a strategy needs to compute one task's meta-gradient.
 
     Built by keyword: ``TaskProblem(model=..., loss_fn=..., inner=..., task=..., partition=...)``.
+    It makes the task's :class:`~metakit.step.InnerStep` (what an inner step means: objective,
+    buffers, context, scales, loss scale) and runs the one inner loop; a strategy chooses only how
+    many steps are differentiated and how a differentiated step runs.
 
     Attributes:
         model: the module the parameter names refer to.
@@ -67,6 +74,9 @@ class TaskProblem:
             batch and the inner steps run only the top.
         precision: ``"fp32"``, ``"bf16"`` or ``"fp16"``: the forward passes under autocast, the loss,
             the inner updates and the meta-gradient in float32 (:mod:`metakit.precision`).
+        functional: the problem runs inside ``torch.func`` transforms (the ``Vmap`` executor):
+            gradients are ``torch.func.grad``, buffers are throw-away per-task copies.
+        batched_like: under ``vmap``, a zero of the task's batch (per-task copies of state and buffers).
     """
 
     model: nn.Module
@@ -79,6 +89,8 @@ class TaskProblem:
     trace_final: bool = True
     cut: Cut | None = None
     precision: str = "fp32"
+    functional: bool = False
+    batched_like: torch.Tensor | None = None
 
     @property
     def start(self) -> Params:
@@ -100,93 +112,143 @@ class TaskProblem:
         """Meta-learned parameters that the inner loop does not adapt."""
         return self.partition.outer_only
 
-    @functools.cached_property
-    def objective(self) -> Objective:
-        """``objective(params, batch)``: the task's loss of the model run on ``params``.
-
-        With a cut, ``params`` also holds the batch's features under :data:`~metakit.reuse.FEATURES`
-        and only the top runs.
-        """
-        if self.cut is not None:
-            return self._in_precision(self.cut.objective(self.model, self.loss_fn))
-        return self._in_precision(model_objective(self.model, self.loss_fn, buffers=self.inner.buffers))
-
-    def _in_precision(self, objective: Objective) -> Objective:
-        if self.precision == "fp32":
-            return objective
-        device = next(iter(self.start.values())).device.type
-        return precision_objective(objective, self.precision, device)
-
     @property
     def loss_scale(self) -> float | None:
         """The static loss scale of the gradients (float16 only)."""
         return loss_scale_for(self.precision)
 
     @functools.cached_property
-    def query_objective(self) -> Objective:
-        """The objective of the query forward: :attr:`objective`, except that ``"frozen"`` buffers
-        apply to adaptation only (the query forward runs the module as it is)."""
-        if self.cut is None and self.inner.buffers == "frozen":
-            return self._in_precision(
-                model_objective(self.model, self.loss_fn, buffers="frozen", adapting=False)
-            )
-        return self.objective
+    def buffers(self) -> TaskBuffers:
+        """The task's buffers under the inner loop's policy (made once per task)."""
+        return TaskBuffers(self.model, self.inner.buffers, self.batched_like)
 
-    def inner_inputs(self, differentiable: bool) -> tuple[Any, Params]:
-        """The support batch and the context the inner steps run on.
+    @functools.cached_property
+    def forward(self):
+        """``forward(params, batch, buffers) -> loss``: the model (its top under a cut) in the task's precision."""
+        forward = self.cut.forward(self.model, self.loss_fn) if self.cut is not None else model_forward(
+            self.model, self.loss_fn
+        )
+        if self.precision == "fp32":
+            return forward
+        device = next(iter(self.start.values())).device.type
+        return precision_objective(forward, self.precision, device)
 
-        With a cut, the context also holds the support batch's features, computed once here: with
-        their graph to the outer parameters below the cut when the inner steps are differentiated
-        (``differentiable``), without one otherwise.
+    def inner_step(
+        self, *, differentiable: bool, batch: Any = None, regularizer: Regularizer | None = None
+    ) -> tuple[InnerStep, Params]:
+        """The task's inner step on its support batch (or ``batch``) and its live context.
+
+        The live context is what the meta-gradient flows into besides the inner parameters: the
+        outer-only parameters and, under a cut, the batch's features with their graph to the
+        backbone (computed here, once; without a graph unless ``differentiable``). The frozen
+        parameters are the step's constants.
         """
-        if self.cut is None:
-            return self.task.support, self.context
-        return self.task.support, {
-            **self.context,
-            FEATURES: self._features(self.task.support, differentiable),
-        }
-
-    def _features(self, batch: Any, graph: bool) -> torch.Tensor:
-        assert self.cut is not None
-        context = self.context if graph else {name: value.detach() for name, value in self.context.items()}
-        start = self.start if graph else {name: value.detach() for name, value in self.start.items()}
-        with torch.set_grad_enabled(graph and torch.is_grad_enabled()):
-            return self.cut.features(
-                self.model, {**context, **start}, self.loss_fn, batch, inner_names=frozenset(self.start)
-            )
-
-    def adapt(
-        self,
-        differentiable_steps: int = 0,
-        *,
-        start: Mapping[str, torch.Tensor] | None = None,
-        context: Mapping[str, torch.Tensor] | None = None,
-        regularizer: Regularizer | None = None,
-    ) -> Adaptation:
-        """Run the inner loop on the support batch from the learner's current values (or ``start``)."""
-        batch, inputs = self.inner_inputs(differentiable=differentiable_steps > 0)
-        return self.inner.adapt(
-            self.start if start is None else start,
+        batch = self.task.support if batch is None else batch
+        live = dict(self.partition.outer_only)
+        if self.cut is not None:
+            live[FEATURES] = self._features(batch, differentiable, adapting=batch is self.task.support)
+        step = InnerStep(
+            self.inner,
+            self.forward,
+            self.model,
+            self.buffers,
             batch,
-            inputs if context is None else context,
-            objective=self.objective,
-            differentiable_steps=differentiable_steps,
-            lr_scales=self.lr_scales,
+            constants=detached(self.partition.frozen),
+            loss_scale=self.loss_scale,
             regularizer=regularizer,
             task_index=self.index,
-            trace_final=self.trace_final,
-            loss_scale=self.loss_scale,
         )
+        return step, live
+
+    def _features(self, batch: Any, graph: bool, *, adapting: bool) -> torch.Tensor:
+        assert self.cut is not None
+        values = {**self.context, **self.start}
+        if not graph:
+            values = detached(values)
+        buffers, running = self.buffers.for_forward(adapting=adapting, replay=self.functional)
+        grad = torch.is_grad_enabled() and (graph or self.functional)
+        with torch.set_grad_enabled(grad), eval_statistics(self.model, running):
+            return self.cut.features(
+                self.model,
+                values,
+                self.loss_fn,
+                batch,
+                inner_names=frozenset(self.start),
+                buffers=buffers,
+            )
+
+    def adapt(self, differentiable_steps: int = 0, *, runner: Runner | None = None) -> tuple[Params, torch.Tensor]:
+        """Run the inner loop on the support batch from the learner's current values.
+
+        Args:
+            differentiable_steps: how many of the last steps keep a graph (0: first order).
+            runner: how a differentiated step runs (default: plain, with ``create_graph``; under
+                ``vmap`` always with ``torch.func.grad``).
+
+        Returns:
+            ``(adapted params, trace)``.
+        """
+        step, live = self.inner_step(differentiable=differentiable_steps > 0)
+        if self.functional or runner is None:
+            runner = Plain(create_graph=True, functional=self.functional)
+        adapted, trace, _ = unroll(
+            step,
+            self.start,
+            live,
+            dict(self.lr_scales) if self.lr_scales else None,
+            steps=self.inner.steps,
+            differentiable_steps=differentiable_steps,
+            runner=runner,
+            functional=self.functional,
+            trace_final=self.trace_final,
+        )
+        return adapted, trace
 
     def query_loss(self, adapted: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """The query loss of the model with ``adapted`` inner parameters (differentiable)."""
-        if self.cut is None:
-            loss = self.query_objective({**self.context, **adapted}, self.task.query)
+        step, live = self.inner_step(differentiable=True, batch=self.task.query)
+        return step.loss(
+            adapted, live, adapting=False, replay=self.functional, where=f"query loss of task {self.index}"
+        )
+
+    def meta_gradient(self, meta_loss) -> TaskGradient:
+        """The gradient of ``meta_loss(problem) -> (query loss, adapted, trace)`` with respect to the
+        outer parameters and the MetaSGD scales: by ``autograd``, or by ``torch.func.grad`` when the
+        problem is :attr:`functional` (the same function of the same values)."""
+        targets = {**self.partition.shared, **self.partition.outer_only}
+        scales = dict(self.lr_scales or {})
+        if not self.functional:
+            query_loss, adapted, trace = meta_loss(self)
+            grads = gradients_by_name(
+                query_loss, {**targets, **{f"lr:{k}": v for k, v in scales.items()}}, self.loss_scale
+            )
+            outer, lr = {n: grads[n] for n in targets}, {n: grads[f"lr:{n}"] for n in scales}
         else:
-            features = self._features(self.task.query, graph=True)
-            loss = self.objective({**self.context, **adapted, FEATURES: features}, self.task.query)
-        check_scalar_loss(loss, f"query loss of task {self.index}")
-        return loss
+            scale = self.loss_scale
+
+            def scaled(targets: Params, scales: Params):
+                problem = self.with_values(targets, scales)
+                query_loss, adapted, trace = meta_loss(problem)
+                total = query_loss * scale if scale is not None else query_loss
+                return total, (query_loss, detached(adapted), trace)
+
+            (outer, lr), (query_loss, adapted, trace) = torch.func.grad(scaled, argnums=(0, 1), has_aux=True)(
+                targets, scales
+            )
+            if scale is not None:
+                outer = {n: g / scale for n, g in outer.items()}
+                lr = {n: g / scale for n, g in lr.items()}
+        return TaskGradient(query_loss.detach(), trace, outer, lr, detached(adapted))
+
+    def with_values(self, targets: Mapping[str, torch.Tensor], scales: Mapping[str, torch.Tensor]) -> TaskProblem:
+        """This problem with other values of the outer parameters and MetaSGD scales."""
+        partition = Partition(
+            shared={n: targets[n] for n in self.partition.shared},
+            inner_only=self.partition.inner_only,
+            outer_only={n: targets[n] for n in self.partition.outer_only},
+            frozen=self.partition.frozen,
+        )
+        return dataclasses.replace(self, partition=partition, lr_scales=dict(scales) or None)
 
 
 @dataclass
@@ -211,12 +273,14 @@ class TaskGradient:
 
 
 class Strategy(abc.ABC):
-    """How one task's meta-gradient is computed: the interface every strategy implements."""
+    """How one task's meta-gradient is computed: the interface every strategy implements.
 
-    #: Whether outer-only parameters (not adapted in the inner loop) are supported.
-    supports_outer_only = True
-    #: Whether MetaSGD learning-rate scales receive a gradient.
-    supports_learned_lr = True
+    A strategy declares what it needs and supports in :attr:`capabilities`
+    (:class:`~metakit.capabilities.Capabilities`). A custom strategy is assumed to need double
+    backward and to have no ``torch.func`` form unless it says otherwise.
+    """
+
+    capabilities = Capabilities(double_backward=True, functional=False, loss_scaling=False)
 
     @abc.abstractmethod
     def task_gradient(self, problem: TaskProblem) -> TaskGradient:
@@ -237,8 +301,3 @@ def gradients_by_name(
         name: (by_name.get(name) if by_name.get(name) is not None else torch.zeros_like(value))
         for name, value in wrt.items()
     }
-
-
-def detached(params: Mapping[str, torch.Tensor]) -> Params:
-    """``params`` without autograd history."""
-    return {name: value.detach() for name, value in params.items()}

@@ -92,6 +92,7 @@ class Cut:
         batch: Any,
         *,
         inner_names: frozenset[str] = frozenset(),
+        buffers: Mapping[str, torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """Run the model on ``batch`` up to the cut and return the feature tensor (with its graph).
 
@@ -115,7 +116,7 @@ class Cut:
             else None
         )
         try:
-            loss_fn(bind(model, params, check_names=False), batch)
+            loss_fn(bind(model, params, check_names=False, buffers=buffers), batch)
         except _ReachedCut:
             pass
         finally:
@@ -148,26 +149,38 @@ class Cut:
 
     def objective(self, model: nn.Module, loss_fn: LossFn) -> Objective:
         """``objective(params, batch)``: the loss from ``params[FEATURES]``, running only the top."""
+        forward = self.forward(model, loss_fn)
+        return lambda params, batch: forward(params, batch, None)
 
-        def objective(params: Mapping[str, torch.Tensor], batch: Any) -> torch.Tensor:
+    def forward(self, model: nn.Module, loss_fn: LossFn) -> Callable[..., torch.Tensor]:
+        """``forward(params, batch, buffers)``: :meth:`objective` on given buffers (``None``: the module's)."""
+
+        def forward(
+            params: Mapping[str, torch.Tensor], batch: Any, buffers: Mapping[str, torch.Tensor] | None
+        ) -> torch.Tensor:
             features = params[FEATURES]
             values = {name: value for name, value in params.items() if name != FEATURES}
 
             def run(path: str) -> Callable[..., Any]:
-                return _bind_submodule(model, values, path)
+                return _bind_submodule(model, values, path, buffers)
 
             return loss_fn(lambda *args, **kwargs: self.rest(run, features, *args, **kwargs), batch)
 
-        return objective
+        return forward
 
 
-def _bind_submodule(model: nn.Module, params: Mapping[str, torch.Tensor], path: str) -> Callable[..., Any]:
+def _bind_submodule(
+    model: nn.Module,
+    params: Mapping[str, torch.Tensor],
+    path: str,
+    buffers: Mapping[str, torch.Tensor] | None = None,
+) -> Callable[..., Any]:
     if not path:
-        return bind(model, params, check_names=False)
+        return bind(model, params, check_names=False, buffers=buffers)
     prefix = path + "."
+
+    def under(values: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {name[len(prefix) :]: v for name, v in values.items() if name.startswith(prefix)}
+
     module = model.get_submodule(path)
-    return bind(
-        module,
-        {name[len(prefix) :]: v for name, v in params.items() if name.startswith(prefix)},
-        check_names=False,
-    )
+    return bind(module, under(params), check_names=False, buffers=None if buffers is None else under(buffers))

@@ -18,19 +18,13 @@ from __future__ import annotations
 
 import abc
 import warnings
-from collections.abc import Mapping
-
 import torch
 
+from metakit.capabilities import Capabilities
 from metakit.functional import double_backward_safe
-from metakit.inner import Adaptation
-from metakit.lean import (
-    ForwardModeError,
-    forward_mode_error,
-    unroll_checkpointed,
-    unroll_forward_over_reverse,
-)
-from metakit.problem import Partition, Strategy, TaskGradient, TaskProblem, detached, gradients_by_name
+from metakit.lean import ForwardModeError, ForwardOverReverse, Recomputed, forward_mode_error
+from metakit.problem import Partition, Strategy, TaskGradient, TaskProblem, detached
+from metakit.step import Plain, Runner
 
 __all__ = [
     "FirstOrder",
@@ -52,38 +46,26 @@ Params = dict[str, torch.Tensor]
 class Unrolled(Strategy):
     """The unrolled family: back-propagate the query loss through the last ``differentiable_steps`` steps."""
 
+    capabilities = Capabilities(double_backward=True)
+
     @abc.abstractmethod
     def differentiable_steps(self, steps: int) -> int:
         """How many of the last ``steps`` inner steps the meta-gradient goes through."""
 
-    def unroll(self, problem: TaskProblem) -> Adaptation:
-        """Run the inner loop, keeping what the meta-gradient needs of the differentiated steps."""
-        return problem.adapt(self.differentiable_steps(problem.inner.steps))
+    def runner(self) -> Runner:
+        """How a differentiated step runs (plain, with ``create_graph``)."""
+        return Plain(create_graph=True)
+
+    def meta_loss(self, problem: TaskProblem) -> tuple[torch.Tensor, Params, torch.Tensor]:
+        """``(query loss, adapted params, trace)``: the inner loop, then the query loss."""
+        differentiable = self.differentiable_steps(problem.inner.steps)
+        # Entered once here rather than at every differentiated inner step.
+        with double_backward_safe(differentiable > 0):
+            adapted, trace = problem.adapt(differentiable, runner=self.runner())
+            return problem.query_loss(adapted), adapted, trace
 
     def task_gradient(self, problem: TaskProblem) -> TaskGradient:
-        # Entered once here rather than at every differentiated inner step.
-        with double_backward_safe(self.differentiable_steps(problem.inner.steps) > 0):
-            adapted = self.unroll(problem)
-            query_loss = problem.query_loss(adapted.params)
-        targets = {name: adapted.anchor[name] for name in problem.shared}
-        targets.update(problem.outer_only)
-        lr_scales = dict(problem.lr_scales or {})
-        grads = self.backward(
-            query_loss, {**targets, **{f"lr:{k}": v for k, v in lr_scales.items()}}, problem.loss_scale
-        )
-        return TaskGradient(
-            query_loss=query_loss.detach(),
-            inner_losses=adapted.losses,
-            grads={name: grads[name] for name in targets},
-            lr_grads={name: grads[f"lr:{name}"] for name in lr_scales},
-            adapted=detached(adapted.params),
-        )
-
-    def backward(
-        self, loss: torch.Tensor, wrt: Mapping[str, torch.Tensor], loss_scale: float | None = None
-    ) -> Params:
-        """Gradients of the query loss by name (zeros where it does not depend on a tensor)."""
-        return gradients_by_name(loss, wrt, loss_scale)
+        return problem.meta_gradient(self.meta_loss)
 
 
 class SecondOrder(Unrolled):
@@ -129,32 +111,27 @@ class SecondOrder(Unrolled):
         self.hvp = hvp
         self.checkpoint = checkpoint
 
+    @property
+    def capabilities(self) -> Capabilities:  # type: ignore[override]
+        if self.hvp == "forward":
+            return Capabilities(forward_mode=True, recomputes_steps=True)
+        return Capabilities(double_backward=True, recomputes_steps=self.checkpoint is not None)
+
     def differentiable_steps(self, steps: int) -> int:
         return steps
 
-    def unroll(self, problem: TaskProblem) -> Adaptation:
-        if self.hvp == "reverse" and self.checkpoint is None:
-            return super().unroll(problem)
-        kwargs = {
-            "objective": problem.objective,
-            "lr_scales": problem.lr_scales,
-            "task_index": problem.index,
-            "trace_final": problem.trace_final,
-        }
-        batch, context = problem.inner_inputs(differentiable=True)
+    def runner(self) -> Runner:
         if self.hvp == "forward":
-            return unroll_forward_over_reverse(problem.inner, problem.start, batch, context, **kwargs)
-        return unroll_checkpointed(
-            problem.inner, problem.start, batch, context, segment=self.checkpoint, **kwargs
-        )
+            return ForwardOverReverse()
+        if self.checkpoint is not None:
+            return Recomputed(self.checkpoint)
+        return super().runner()
 
-    def backward(
-        self, loss: torch.Tensor, wrt: Mapping[str, torch.Tensor], loss_scale: float | None = None
-    ) -> Params:
+    def task_gradient(self, problem: TaskProblem) -> TaskGradient:
         if self.hvp != "forward":
-            return super().backward(loss, wrt, loss_scale)
+            return super().task_gradient(problem)
         try:
-            return gradients_by_name(loss, wrt)
+            return super().task_gradient(problem)
         except ForwardModeError:
             raise
         except (RuntimeError, NotImplementedError) as error:
@@ -179,7 +156,7 @@ class FirstOrder(Unrolled):
     parameter gets the direct term of the query loss only.
     """
 
-    supports_learned_lr = False
+    capabilities = Capabilities(learned_lr=False)
 
     def differentiable_steps(self, steps: int) -> int:
         return 0
@@ -215,17 +192,14 @@ class Reptile(Strategy):
     outer parameter to be adapted in the inner loop (outer ⊆ inner).
     """
 
-    supports_outer_only = False
-    supports_learned_lr = False
+    capabilities = Capabilities(outer_only=False, learned_lr=False)
 
     def task_gradient(self, problem: TaskProblem) -> TaskGradient:
-        adapted = problem.adapt(differentiable_steps=0)
+        adapted, trace = problem.adapt(differentiable_steps=0)
         with torch.no_grad():
-            query_loss = problem.query_loss(adapted.params)
-            grads = {
-                name: value.detach() - adapted.params[name].detach() for name, value in problem.shared.items()
-            }
-        return TaskGradient(query_loss, adapted.losses, grads, {}, detached(adapted.params))
+            query_loss = problem.query_loss(adapted)
+            grads = {name: value.detach() - adapted[name].detach() for name, value in problem.shared.items()}
+        return TaskGradient(query_loss.detach(), trace, grads, {}, detached(adapted))
 
 
 # Implicit lives in its own module (it measures its residuals); re-exported here with the others.

@@ -22,7 +22,7 @@ import torchopt
 from spawned_ranks import spawn_ranks
 
 import metakit as mk
-from metakit.distributed import Distributed, DistributedError, RankMismatchError, rank_tasks
+from metakit.executors import Distributed, DistributedError, RankMismatchError, rank_tasks
 from metakit.executors import Sequential
 from metakit.tasks import SineTasks, mse_loss, sine_mlp
 
@@ -48,12 +48,12 @@ def sine_tasks(n: int) -> list[mk.Task]:
 def sine_learner(strategy: mk.Strategy, learn_lr: bool = False, inner_only: str = "keep"):
     torch.manual_seed(0)
     model = sine_mlp(hidden=8).double()
-    inner = mk.everything() if strategy.supports_outer_only is False else mk.select("2.*", "4.*")
+    inner = mk.everything() if not strategy.capabilities.outer_only else mk.select("2.*", "4.*")
     return mk.MetaLearner(
         model,
         mse_loss,
         inner=mk.InnerLoop(inner, torchopt.sgd(lr=0.05), steps=2, learn_lr=learn_lr),
-        outer_params=mk.everything() if strategy.supports_outer_only is False else mk.select("0.*", "2.*"),
+        outer_params=mk.everything() if not strategy.capabilities.outer_only else mk.select("0.*", "2.*"),
         strategy=strategy,
         inner_only=inner_only,
     )

@@ -16,7 +16,7 @@ from spawned_ranks import spawn_ranks
 from torch import nn
 
 import metakit as mk
-from metakit.distributed import Distributed, rank_tasks
+from metakit.executors import Distributed, rank_tasks
 from metakit.executors import Sequential, Vmap
 from metakit.tasks import SineTasks, mse_loss
 

@@ -98,7 +98,7 @@ def test_tasks_of_different_shapes_are_refused_with_the_shapes():
 
 
 def test_implicit_is_refused_when_the_learner_is_built():
-    with pytest.raises(VmapError, match=r"Implicit.*Sequential"):
+    with pytest.raises(mk.CompositionError, match=r"Vmap\(\).*Implicit.*Sequential"):
         mk.MetaLearner(
             mlp(),
             mse_loss,

@@ -93,7 +93,7 @@ def _config(args: argparse.Namespace) -> ExperimentConfig:
 
 
 def _run_experiment(args: argparse.Namespace) -> int:
-    from metakit.distributed import DistributedError
+    from metakit.executors import DistributedError
     from metakit.experiments.lock import FolderLockedError
     from metakit.experiments.priming import CheckpointError
     from metakit.experiments.ranks import DEFAULT_TIMEOUT, Ranks

@@ -3,7 +3,7 @@
 ``torchrun --nproc_per_node=N -m metakit.cli ner run ...`` starts N processes that run the same loop:
 
 - every rank loads the data and the model and checks the same (resumed) state;
-- meta priming splits each meta-batch across the ranks (:class:`~metakit.distributed.Distributed`,
+- meta priming splits each meta-batch across the ranks (:class:`~metakit.executors.Distributed`,
   gloo); fine-tuning priming (setting 5, no meta-gradient) runs on every rank alike, so every rank
   holds the same primed model without waiting for one;
 - the fine-tuning units of a (setting, seed) are split across the ranks, target by target
@@ -27,7 +27,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from metakit.distributed import Distributed, DistributedError, all_gather_object
+from metakit.executors import Distributed
+from metakit.executors.collectives import DistributedError, all_gather_object
 from metakit.executors import Sequential
 from metakit.problem import Strategy, TaskGradient, TaskProblem
 

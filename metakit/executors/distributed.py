@@ -13,7 +13,6 @@ rank); each rank then computes only its own tasks. See the README section "Scale
 from __future__ import annotations
 
 import os
-import pickle
 from collections.abc import Mapping, Sequence
 from datetime import timedelta
 from typing import Any, Literal
@@ -21,33 +20,27 @@ from typing import Any, Literal
 import torch
 import torch.distributed as dist
 
-from metakit.executors import Executor, MetaBatchGradient, Sequential
+from metakit.capabilities import Capabilities
+from metakit.executors.base import Executor, MetaBatchGradient
+from metakit.executors.collectives import (
+    DistributedError,
+    all_gather_object,
+    differing_names,
+    fingerprint,
+    flatten,
+    pack,
+    same_fingerprint,
+    unflatten,
+    unpack,
+    wait,
+)
+from metakit.executors.sequential import Sequential
 from metakit.problem import Strategy, TaskProblem
 
-__all__ = [
-    "Distributed",
-    "DistributedError",
-    "RankMismatchError",
-    "all_gather_object",
-    "rank_tasks",
-    "wait",
-]
+__all__ = ["Distributed", "DistributedError", "RankMismatchError", "rank_tasks"]
 
 Params = dict[str, torch.Tensor]
 ShareAdapted = Literal["inner_only", "all"]
-
-
-class DistributedError(RuntimeError):
-    """Another rank failed, or a collective waited longer than the executor's timeout.
-
-    Attributes:
-        failed_ranks: the ranks whose own error this one reports (each of them raised that error
-            itself); empty when a collective timed out.
-    """
-
-    def __init__(self, message: str, failed_ranks: Sequence[int] = ()):
-        super().__init__(message)
-        self.failed_ranks = list(failed_ranks)
 
 
 class RankMismatchError(ValueError):
@@ -66,10 +59,9 @@ def rank_tasks(n_tasks: int, rank: int, world_size: int) -> list[int]:
 class Distributed(Executor):
     """Split each meta-batch across the ranks of a process group; all-reduce the meta-gradient.
 
-    Rank ``r`` of ``W`` runs tasks ``r, r + W, ...`` with ``local``; the local mean is turned back
-    into a sum, the sums of the meta-gradients (and of the MetaSGD scales' gradients) are
-    all-reduced and divided by the global number of tasks, so the result is the mean over all tasks
-    whatever ``W`` is. With more ranks than tasks the ranks without a task contribute zeros: the
+    Rank ``r`` of ``W`` runs tasks ``r, r + W, ...`` with ``local``; the sums of the meta-gradients
+    (and of the MetaSGD scales' gradients) are all-reduced, and the learner divides by the global
+    number of tasks, so the result is the mean over all tasks whatever ``W`` is. With more ranks than tasks the ranks without a task contribute zeros: the
     mean is still right, they only wait. Query losses, inner-loss traces and diagnostics are
     gathered in global task order on every rank (log them on rank 0). ``first_adapted`` is the
     globally first task's, broadcast from rank 0, which always runs it.
@@ -132,8 +124,10 @@ class Distributed(Executor):
     def __repr__(self) -> str:
         return f"Distributed(local={self.local!r}, timeout={self.timeout})"
 
-    def check(self, strategy: Strategy) -> None:
-        self.local.check(strategy)
+    @property
+    def capabilities(self) -> Capabilities:  # type: ignore[override]
+        """The local executor's: each rank runs its tasks exactly as one process would."""
+        return self.local.capabilities
 
     # -- the meta-batch ---------------------------------------------------------------------------
     def run(self, strategy: Strategy, problems: Sequence[TaskProblem]) -> MetaBatchGradient:
@@ -151,7 +145,7 @@ class Distributed(Executor):
         records = self._all_gather_object(record, device, "gathering the per-task results")
         self._raise_on_failure(records, rank, failure)
 
-        grads, lr_grads = self._mean_gradients(first, local, len(mine), len(problems))
+        grads, lr_grads = self._summed_gradients(first, local)
         wanted = first.partition.inner_only if self.share_adapted == "inner_only" else first.start
         adapted = {
             name: local.first_adapted[name].detach().clone() if rank == 0 else torch.empty_like(value)
@@ -175,28 +169,23 @@ class Distributed(Executor):
         record["tasks"] = [
             (
                 index,
-                _pack(local.query_losses[k]),
-                _pack(local.inner_losses[k]),
-                {name: _pack(value[k]) for name, value in local.diagnostics.items()},
+                pack(local.query_losses[k]),
+                pack(local.inner_losses[k]),
+                {name: pack(value[k]) for name, value in local.diagnostics.items()},
             )
             for k, index in enumerate(indices)
         ]
         return local, None, record
 
-    def _mean_gradients(
-        self, first: TaskProblem, local: MetaBatchGradient | None, n_local: int, n_tasks: int
-    ) -> tuple[Params, Params]:
-        """All-reduce the ranks' sums of per-task gradients; divide by the global task count."""
+    def _summed_gradients(self, first: TaskProblem, local: MetaBatchGradient | None) -> tuple[Params, Params]:
+        """All-reduce the ranks' sums of per-task gradients (zeros on a rank without a task)."""
         outer = {**first.partition.shared, **first.partition.outer_only}
         scales = dict(first.lr_scales or {})
-        sums = _local_sum(outer, local.grads if local else {}, n_local)
-        lr_sums = _local_sum(scales, local.lr_grads if local else {}, n_local)
+        sums = _or_zeros(outer, local.grad_sums if local else {})
+        lr_sums = _or_zeros(scales, local.lr_grad_sums if local else {})
         both = {**sums, **{f"lr:{name}": value for name, value in lr_sums.items()}}
         self._all_reduce(both, "all-reducing the meta-gradient")
-        return (
-            {name: both[name] / n_tasks for name in outer},
-            {name: both[f"lr:{name}"] / n_tasks for name in scales},
-        )
+        return {name: both[name] for name in outer}, {name: both[f"lr:{name}"] for name in scales}
 
     # -- process group ----------------------------------------------------------------------------
     def _ensure_group(self, problem: TaskProblem) -> None:
@@ -215,15 +204,15 @@ class Distributed(Executor):
         wait(work, what, group=self.group, timeout=self.timeout)
 
     def _all_reduce(self, tensors: dict[str, torch.Tensor], what: str) -> None:
-        for names, flat in _flatten(tensors):
+        for names, flat in flatten(tensors):
             self._wait(dist.all_reduce(flat, group=self.group, async_op=True), what)
-            _unflatten(tensors, names, flat)
+            unflatten(tensors, names, flat)
 
     def _broadcast(self, tensors: dict[str, torch.Tensor], what: str) -> None:
         source = dist.get_global_rank(self.group, 0) if self.group is not None else 0
-        for names, flat in _flatten(tensors):
+        for names, flat in flatten(tensors):
             self._wait(dist.broadcast(flat, src=source, group=self.group, async_op=True), what)
-            _unflatten(tensors, names, flat)
+            unflatten(tensors, names, flat)
 
     def _all_gather_object(self, obj: Any, device: torch.device, what: str) -> list[Any]:
         return all_gather_object(obj, what, group=self.group, timeout=self.timeout, device=device)
@@ -235,9 +224,9 @@ class Distributed(Executor):
         mine = fingerprint(params)
         prints = self._all_gather_object(mine, device, "comparing the ranks' parameters")
         reference = prints[0]
-        differing = [r for r, other in enumerate(prints) if not _same_fingerprint(reference, other)]
+        differing = [r for r, other in enumerate(prints) if not same_fingerprint(reference, other)]
         if differing:
-            names = _differing_names(reference, prints[differing[0]])
+            names = differing_names(reference, prints[differing[0]])
             raise RankMismatchError(
                 f"The ranks start from different parameters: rank(s) {differing} differ from rank 0 "
                 f"(e.g. in {names[:3]}). Build the model identically on every rank (the same seed, or load "
@@ -263,139 +252,12 @@ class Distributed(Executor):
             )
 
 
-def wait(work: Any, what: str, *, group: Any = None, timeout: timedelta) -> None:
-    """Wait for an ``async_op=True`` collective at most ``timeout``, else raise :class:`DistributedError`.
-
-    Args:
-        work: what the collective returned.
-        what: what the ranks were doing, for the message (e.g. "all-reducing the meta-gradient").
-    """
-    try:
-        work.wait(timeout=timeout)
-    except RuntimeError as error:
-        raise DistributedError(
-            f"rank {dist.get_rank(group)} waited more than {timeout} for the other ranks "
-            f"while {what}: a rank failed, died or stopped taking part "
-            f"({type(error).__name__}: {str(error).strip()[:200]}). Check the other ranks' logs; "
-            "raise the timeout if a rank is only slow."
-        ) from error
-
-
-def all_gather_object(
-    obj: Any,
-    what: str,
-    *,
-    group: Any = None,
-    timeout: timedelta,
-    device: torch.device | str = "cpu",
-) -> list[Any]:
-    """``dist.all_gather_object`` that waits at most ``timeout`` (:func:`wait`); every rank's ``obj``.
-
-    Example:
-        >>> statuses = all_gather_object(None, "finishing a unit", timeout=timedelta(minutes=5))  # doctest: +SKIP
-    """
-    payload = torch.frombuffer(bytearray(pickle.dumps(obj)), dtype=torch.uint8).to(device)
-    world = dist.get_world_size(group)
-    size = torch.tensor([payload.numel()], dtype=torch.long, device=device)
-    sizes = [torch.zeros_like(size) for _ in range(world)]
-    wait(dist.all_gather(sizes, size, group=group, async_op=True), what, group=group, timeout=timeout)
-    longest = int(max(int(s) for s in sizes))
-    padded = torch.zeros(longest, dtype=torch.uint8, device=device)
-    padded[: payload.numel()] = payload
-    gathered = [torch.empty_like(padded) for _ in range(world)]
-    wait(dist.all_gather(gathered, padded, group=group, async_op=True), what, group=group, timeout=timeout)
-    # The payloads are this job's own ranks' records (as in dist.all_gather_object).
-    return [pickle.loads(g[: int(s)].cpu().numpy().tobytes()) for g, s in zip(gathered, sizes, strict=True)]
-
-
-def fingerprint(params: Mapping[str, torch.Tensor]) -> dict[str, tuple]:
-    """Per tensor: shape, dtype, and float64 sum, weighted sum and absolute sum of its values.
-
-    The weighted sum (weights ``1 + i / n`` over the flattened positions) also tells permuted values
-    apart. Returns:
-        ``{name: (shape, dtype, sum, weighted_sum, abs_sum)}``.
-    """
-    out = {}
-    with torch.no_grad():
-        for name, value in params.items():
-            flat = value.detach().reshape(-1).to(torch.float64)
-            weights = 1 + torch.arange(flat.numel(), dtype=torch.float64, device=flat.device) / max(
-                flat.numel(), 1
-            )
-            out[name] = (
-                tuple(value.shape),
-                str(value.dtype),
-                float(flat.sum()),
-                float(flat @ weights),
-                float(flat.abs().sum()),
-            )
-    return out
-
-
-def _same_fingerprint(a: Mapping[str, tuple], b: Mapping[str, tuple]) -> bool:
-    return not _differing_names(a, b)
-
-
-def _differing_names(a: Mapping[str, tuple], b: Mapping[str, tuple]) -> list[str]:
-    names = [n for n in a if n not in b] + [n for n in b if n not in a]
-    for name in a:
-        if name not in b:
-            continue
-        (shape_a, dtype_a, *sums_a), (shape_b, dtype_b, *sums_b) = a[name], b[name]
-        # Sums in float64 of the same values agree to rounding whatever the reduction order.
-        scale = 1e-9 * (sums_a[2] + sums_b[2]) + 1e-30
-        if (shape_a, dtype_a) != (shape_b, dtype_b) or any(
-            abs(x - y) > scale for x, y in zip(sums_a, sums_b, strict=True)
-        ):
-            names.append(name)
-    return names
-
-
 def _device(params: Mapping[str, torch.Tensor]) -> torch.device:
     return next(iter(params.values())).device if params else torch.device("cpu")
 
 
-def _local_sum(like: Mapping[str, torch.Tensor], means: Mapping[str, torch.Tensor], count: int) -> Params:
-    """This rank's sum of per-task gradients: its local mean times its task count (zeros if none)."""
-    return {
-        name: means[name].detach() * count if count and name in means else torch.zeros_like(value)
-        for name, value in like.items()
-    }
-
-
-def _flatten(tensors: Mapping[str, torch.Tensor]) -> list[tuple[list[str], torch.Tensor]]:
-    """One contiguous buffer per (dtype, device), so each group needs a single collective."""
-    groups: dict[tuple, list[str]] = {}
-    for name, value in tensors.items():
-        groups.setdefault((value.dtype, value.device), []).append(name)
-    return [(names, torch.cat([tensors[n].reshape(-1) for n in names])) for names in groups.values()]
-
-
-def _unflatten(tensors: dict[str, torch.Tensor], names: list[str], flat: torch.Tensor) -> None:
-    offset = 0
-    for name in names:
-        numel = tensors[name].numel()
-        tensors[name] = flat[offset : offset + numel].view_as(tensors[name])
-        offset += numel
-
-
-def _pack(tensor: torch.Tensor) -> tuple:
-    """A tensor as a NumPy array and its dtype: pickled some 30 times faster than a tensor."""
-    tensor = tensor.detach().cpu()
-    numpy_ready = tensor.dtype in (
-        torch.float64,
-        torch.float32,
-        torch.float16,
-        torch.int64,
-        torch.int32,
-        torch.bool,
-    )
-    return (tensor if numpy_ready else tensor.double()).numpy(), tensor.dtype
-
-
-def _unpack(packed: tuple, device: torch.device) -> torch.Tensor:
-    array, dtype = packed
-    return torch.from_numpy(array).to(device=device, dtype=dtype)
+def _or_zeros(like: Mapping[str, torch.Tensor], sums: Mapping[str, torch.Tensor]) -> Params:
+    return {name: sums[name].detach() if name in sums else torch.zeros_like(value) for name, value in like.items()}
 
 
 def _combine(
@@ -405,10 +267,11 @@ def _combine(
     diagnostics = [t[3] for t in tasks]
     names = [n for n in diagnostics[0] if all(n in d for d in diagnostics)]
     return MetaBatchGradient(
-        grads=grads,
-        lr_grads=lr_grads,
-        query_losses=torch.stack([_unpack(t[1], device) for t in tasks]),
-        inner_losses=torch.stack([_unpack(t[2], device) for t in tasks]),
+        grad_sums=grads,
+        lr_grad_sums=lr_grads,
+        n_tasks=len(tasks),
+        query_losses=torch.stack([unpack(t[1], device) for t in tasks]),
+        inner_losses=torch.stack([unpack(t[2], device) for t in tasks]),
         first_adapted=adapted,
-        diagnostics={n: torch.stack([_unpack(d[n], device) for d in diagnostics]) for n in names},
+        diagnostics={n: torch.stack([unpack(d[n], device) for d in diagnostics]) for n in names},
     )
