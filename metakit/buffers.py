@@ -74,7 +74,10 @@ class TaskBuffers:
     """
 
     def __init__(
-        self, model: nn.Module | None, policy: BufferPolicy = "update", batched_like: torch.Tensor | None = None
+        self,
+        model: nn.Module | None,
+        policy: BufferPolicy = "update",
+        batched_like: torch.Tensor | None = None,
     ):
         check_policy(policy)
         self.model, self.policy, self.batched_like = model, policy, batched_like

@@ -8,7 +8,7 @@ same findings, and the compatibility table in ``docs/strategies.md`` is generate
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,7 +17,15 @@ from torch.nn.modules.batchnorm import _NormBase
 
 from metakit.buffers import BUFFER_POLICIES
 
-__all__ = ["Capabilities", "CompositionError", "check_composition", "compatibility_table", "composition_problems"]
+__all__ = [
+    "Capabilities",
+    "CompositionError",
+    "check_composition",
+    "compatibility_table",
+    "composition_problems",
+    "documented_table",
+    "needs",
+]
 
 
 class CompositionError(ValueError):
@@ -43,6 +51,8 @@ class Capabilities:
         buffers: the buffer policies supported.
         in_place_buffers: (executor) can write the module's own buffers during a meta-step
             (``InnerLoop(buffers="update")`` on a model with BatchNorm statistics).
+        autocast_batch_norm: (executor) runs BatchNorm layers under autocast (``torch.func.vmap``'s
+            batch_norm rule does not follow autocast's casts).
     """
 
     double_backward: bool = False
@@ -55,6 +65,7 @@ class Capabilities:
     cut: bool = True
     buffers: frozenset[str] = frozenset(BUFFER_POLICIES)
     in_place_buffers: bool = True
+    autocast_batch_norm: bool = True
 
 
 def needs(strategy: Any, executor: Any) -> Capabilities:
@@ -105,6 +116,14 @@ def composition_problems(
                 "InnerLoop(buffers='frozen'), or executors.Sequential()",
             )
         )
+    if precision != "fp32" and not e.autocast_batch_norm and model is not None and _has_batch_norm(model):
+        problems.append(
+            (
+                f"precision={precision!r} with {executor!r} on a model with BatchNorm layers "
+                "(torch.func.vmap's batch_norm rule does not follow autocast's casts)",
+                "precision='fp32' with this executor, or executors.Sequential() in low precision",
+            )
+        )
     if learn_lr and not s.learned_lr:
         problems.append(
             (
@@ -142,32 +161,47 @@ def check_composition(strategy: Any, executor: Any, **settings: Any) -> None:
     problems = composition_problems(strategy, executor, **settings)
     if problems:
         details = "; ".join(f"{asked}. Instead: {instead}" for asked, instead in problems)
-        raise CompositionError(f"metakit cannot compute the exact meta-gradient of this combination: {details}.")
+        raise CompositionError(
+            f"metakit cannot compute the exact meta-gradient of this combination: {details}."
+        )
+
+
+def _has_batch_norm(model: nn.Module) -> bool:
+    return any(isinstance(m, _NormBase) for m in model.modules())
 
 
 def _writes_statistics(model: nn.Module) -> bool:
     return any(isinstance(m, _NormBase) and m.track_running_stats for m in model.modules())
 
 
-def compatibility_table(strategies: Sequence[Any], executors: Sequence[Any]) -> str:
-    """A markdown table of what each strategy supports on each executor, from the declarations."""
+def compatibility_table(strategies: Sequence[Any], executors: Mapping[str, Any]) -> str:
+    """Markdown tables of what each strategy and executor supports, from their declarations.
+
+    Args:
+        strategies: strategy instances, one row each.
+        executors: executor instances by the column name to show.
+    """
 
     def mark(ok: bool) -> str:
         return "yes" if ok else "—"
 
-    header = (
-        "| strategy | model needs | recomputes steps | learned rates | outer-only params | cut | buffer policies | fp16 | "
-        + " | ".join(repr(e) for e in executors)
-        + " |"
-    )
-    lines = [header, "|" + "---|" * (8 + len(executors))]
+    names = list(executors)
+    lines = [
+        "| strategy | the model needs | recomputes steps | learned rates | outer-only params | cut | buffer policies "
+        "| fp16 | " + " | ".join(names) + " |",
+        "|" + "---|" * (8 + len(names)),
+    ]
     for strategy in strategies:
         c = strategy.capabilities
         model_needs = (
-            "forward-mode rules" if c.forward_mode else "double backward" if c.double_backward else "backward only"
+            "forward-mode rules"
+            if c.forward_mode
+            else "double backward"
+            if c.double_backward
+            else "backward only"
         )
         cells = [
-            repr(strategy),
+            f"`{strategy!r}`",
             model_needs,
             mark(c.recomputes_steps),
             mark(c.learned_lr),
@@ -176,13 +210,72 @@ def compatibility_table(strategies: Sequence[Any], executors: Sequence[Any]) -> 
             ", ".join(p for p in BUFFER_POLICIES if p in c.buffers),
             mark(c.loss_scaling),
         ]
-        for executor in executors:
-            problems = composition_problems(strategy, executor)
-            if problems:
+        for executor in executors.values():
+            if composition_problems(strategy, executor):
                 cells.append("refused")
             elif executor.capabilities.functional and (c.double_backward or c.forward_mode):
-                cells.append("exact (reverse over reverse)")
+                cells.append("exact, reverse over reverse")
             else:
                 cells.append("exact")
         lines.append("| " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        "| executor | batches tasks with `torch.func.vmap` | learned rates | cut | buffer policies "
+        '| `buffers="update"` with BatchNorm | bf16/fp16 with BatchNorm | fp16 |',
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for name, executor in executors.items():
+        c = executor.capabilities
+        lines.append(
+            "| "
+            + " | ".join(
+                [
+                    name,
+                    mark(c.functional),
+                    mark(c.learned_lr),
+                    mark(c.cut),
+                    ", ".join(p for p in BUFFER_POLICIES if p in c.buffers),
+                    mark(c.in_place_buffers),
+                    mark(c.autocast_batch_norm),
+                    mark(c.loss_scaling),
+                ]
+            )
+            + " |"
+        )
     return "\n".join(lines)
+
+
+def documented_table() -> str:
+    """The compatibility tables of metakit's own strategies and executors (``docs/strategies.md``)."""
+    from metakit.executors import Distributed, Sequential, Vmap
+    from metakit.strategies import FirstOrder, Implicit, Reptile, SecondOrder, Truncated
+
+    strategies = [
+        SecondOrder(),
+        SecondOrder(hvp="forward"),
+        SecondOrder(checkpoint=2),
+        FirstOrder(),
+        Truncated(1),
+        Reptile(),
+        Implicit(),
+    ]
+    executors = {
+        "`Sequential()`": Sequential(),
+        "`Vmap()`": Vmap(),
+        "`Distributed()`": Distributed(),
+        "`Distributed(local=Vmap())`": Distributed(local=Vmap()),
+    }
+    return compatibility_table(strategies, executors)
+
+
+TABLE_START = "<!-- compatibility table: generated by metakit.capabilities.write_table -->"
+TABLE_END = "<!-- end -->"
+
+
+def write_table(path: str) -> None:
+    """Replace the generated block of ``path`` (between the markers) with :func:`documented_table`."""
+    with open(path, encoding="utf-8") as handle:
+        text = handle.read()
+    start, end = text.index(TABLE_START) + len(TABLE_START), text.index(TABLE_END)
+    with open(path, "w", encoding="utf-8") as handle:
+        handle.write(text[:start] + "\n" + documented_table() + "\n" + text[end:])

@@ -122,9 +122,13 @@ class Implicit(Strategy):
             # custom_root runs this inside autograd.Function.forward, where grad mode is off.
             with torch.enable_grad():
                 anchors = {name: t.detach() for name, t in zip(inner_names, theta, strict=True)}
-                proximal = dataclasses.replace(step, regularizer=lambda params: _proximal(params, anchors, lam))
+                proximal = dataclasses.replace(
+                    step, regularizer=lambda params: _proximal(params, anchors, lam)
+                )
                 live_now = {n: v.detach() for n, v in zip(live_names, live_values, strict=True)}
-                solved.update(self._solve_inner(problem, proximal, dict(zip(inner_names, phi, strict=True)), live_now))
+                solved.update(
+                    self._solve_inner(problem, proximal, dict(zip(inner_names, phi, strict=True)), live_now)
+                )
             return tuple(solved["params"][name] for name in inner_names)
 
         theta = tuple(problem.start.values())
@@ -148,7 +152,14 @@ class Implicit(Strategy):
         stop = _Solved(steps, max(steps, self.max_inner_steps or steps), self.residual_tol)
         params = fresh_leaves(start)
         done = run_steps(
-            step, params, step.init_state(params), live, None, first=0, stop=stop, runner=Plain(create_graph=False)
+            step,
+            params,
+            step.init_state(params),
+            live,
+            None,
+            first=0,
+            stop=stop,
+            runner=Plain(create_graph=False),
         )
         assert done.last is not None  # _Solved probes the gradient at every point
         trace = torch.stack([*done.losses[:steps], done.last[1].detach()])

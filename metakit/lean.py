@@ -185,7 +185,10 @@ class _ForwardOverReverseStep(torch.autograd.Function):
         with torch.enable_grad():  # an autograd.Function's forward runs with grad mode off
             leaves = [p.detach().requires_grad_(True) for p in params]
             grads, loss = step.gradient(
-                call.index, layout.params(leaves), layout.context([c.detach() for c in context]), create_graph=False
+                call.index,
+                layout.params(leaves),
+                layout.context([c.detach() for c in context]),
+                create_graph=False,
             )
         grads = list(grads.values())
         new_params, new_state = step.update(

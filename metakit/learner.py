@@ -308,7 +308,9 @@ class MetaLearner:
 def _check_precision(precision: str, model: nn.Module) -> str:
     from metakit.precision import autocast_dtype
 
-    autocast_dtype(precision, next(model.parameters()).device.type)  # names the choices, refuses fp16 off CUDA
+    autocast_dtype(
+        precision, next(model.parameters()).device.type
+    )  # names the choices, refuses fp16 off CUDA
     return precision
 
 

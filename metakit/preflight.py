@@ -24,6 +24,7 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from metakit.capabilities import composition_problems, needs
 from metakit.functional import bind, double_backward_safe
 from metakit.task import Task
 
@@ -184,14 +185,19 @@ def check(model: nn.Module, learner: MetaLearner, batch: Any) -> Report:
             "check(model, learner, mk.Task(support, query, loss_fn=...)), so the batch can be run."
         )
     second_order = _differentiates_inner_gradients(learner)
-    forward_hvp = getattr(learner.strategy, "hvp", None) == "forward"
-    findings = _spec_findings(model, learner)
+    forward_hvp = needs(learner.strategy, learner.executor).forward_mode
+    findings = _composition_findings(model, learner)
+    findings += _spec_findings(model, learner)
     findings += _batch_findings(model, batch)
     findings += _rnn_findings(model, second_order)
     # A batch on another device cannot run; a dtype mismatch may (promotion), so it is tried.
     if not any(f.kind == "device-mismatch" for f in findings):
         findings += _run_findings(model, learner, loss_fn, batch, second_order, forward_hvp)
-    title = f"{type(model).__name__} with {learner.strategy!r}"
+        findings += _vmap_findings(model, learner, loss_fn, batch)
+    title = (
+        f"{type(model).__name__} with {learner.strategy!r} on {learner.executor!r}, "
+        f"InnerLoop(buffers={learner.inner.buffers!r}), precision={learner.precision!r}"
+    )
     return Report(title, _unique(findings))
 
 
@@ -199,18 +205,80 @@ def check(model: nn.Module, learner: MetaLearner, batch: Any) -> Report:
 
 
 def _differentiates_inner_gradients(learner: MetaLearner) -> bool:
-    """Whether the strategy differentiates through inner gradients (needs double backward)."""
-    from metakit.strategies import Implicit, Reptile
+    """Whether the strategy, as the executor runs it, differentiates through inner gradients."""
+    runs = needs(learner.strategy, learner.executor)
+    return runs.double_backward or runs.forward_mode
 
-    strategy = learner.strategy
-    if isinstance(strategy, Reptile):
-        return False
-    if isinstance(strategy, Implicit) or learner.inner.learn_lr:
-        return True
+
+def _composition_findings(model: nn.Module, learner: MetaLearner) -> list[Finding]:
+    """What the learner would refuse (from the declared capabilities), should its parts have changed."""
+    problems = composition_problems(
+        learner.strategy,
+        learner.executor,
+        model=model,
+        buffers=learner.inner.buffers,
+        learn_lr=learner.inner.learn_lr,
+        outer_only=learner.outer_only_names,
+        cut=learner.cut is not None,
+        precision=learner.precision,
+    )
+    return [
+        Finding(
+            "composition",
+            "error",
+            "(learner)",
+            f"{asked}: the meta-gradient would not be exact.",
+            f"use {instead}.",
+        )
+        for asked, instead in problems
+    ]
+
+
+def _vmap_findings(model: nn.Module, learner: MetaLearner, loss_fn: Any, batch: Any) -> list[Finding]:
+    """Under a batching executor: does the support gradient run under ``torch.func.vmap``?"""
+    if not learner.executor.capabilities.functional:
+        return []
+    import optree
+
+    from metakit.buffers import TaskBuffers, eval_statistics
+
+    params = {n: p.detach() for n, p in model.named_parameters()}
+    inner = {n: params[n] for n in learner.shared_names + learner.inner_only_names}
+    leaves, spec = optree.tree_flatten(batch)
+    if not all(isinstance(leaf, torch.Tensor) for leaf in leaves):
+        return []  # Vmap's own error names a batch it cannot stack
+    stacked = optree.tree_unflatten(spec, [torch.stack([leaf, leaf]) for leaf in leaves])
+
+    def support_gradient(one_batch):
+        zero = optree.tree_leaves(one_batch)[0].flatten()[0].detach() * 0
+        buffers, running = TaskBuffers(model, learner.inner.buffers, zero.float()).for_forward(
+            adapting=True, replay=True
+        )
+
+        def loss(values):
+            with eval_statistics(model, running):
+                return loss_fn(
+                    bind(model, {**params, **values}, check_names=False, buffers=buffers), one_batch
+                )
+
+        return torch.func.grad(loss)(inner)
+
     try:
-        return strategy.differentiable_steps(learner.inner.steps) > 0
-    except (NotImplementedError, AttributeError):
-        return True  # an unknown strategy: assume the demanding case
+        with torch.random.fork_rng(devices=_cuda_devices(model)):
+            torch.func.vmap(support_gradient, randomness="different")(stacked)
+    except Exception as err:
+        return [
+            Finding(
+                "vmap",
+                "error",
+                "(forward)",
+                f"{learner.executor!r} batches tasks with torch.func.vmap, which fails on this model and batch: "
+                f"{type(err).__name__}: {_first_line(err)}",
+                "use executors.Sequential(); data-dependent control flow and .item() calls cannot be batched, and "
+                "a forward that writes a tensor in place needs InnerLoop(buffers='task') or 'frozen'.",
+            )
+        ]
+    return []
 
 
 def _spec_findings(model: nn.Module, learner: MetaLearner) -> list[Finding]:
@@ -422,7 +490,7 @@ def _run_findings(
                     "make loss_fn(mk.bind(model, {}), batch) run on this batch before meta-training.",
                 )
             ]
-        findings += _buffer_findings(model, versions, buffers)
+        findings += _buffer_findings(model, versions, buffers, learner.inner.buffers)
         _restore(model, buffers)
         findings += _trace_findings(trace, model, second_order, forward_hvp)
         # Forward-over-reverse replaces the reverse double backward under hvp="forward".
@@ -436,7 +504,7 @@ def _run_findings(
 
 
 def _buffer_findings(
-    model: nn.Module, versions: Mapping[str, int], before: Mapping[str, torch.Tensor]
+    model: nn.Module, versions: Mapping[str, int], before: Mapping[str, torch.Tensor], policy: str
 ) -> list[Finding]:
     # Kernels such as batch_norm write running statistics without bumping the version counter.
     changed = [
@@ -452,23 +520,39 @@ def _buffer_findings(
     for path, leaves in by_module.items():
         module = model.get_submodule(path) if path != "(model)" else model
         is_norm = isinstance(module, nn.modules.batchnorm._NormBase)
-        findings.append(
-            Finding(
-                "buffer-update",
-                "warning",
-                path,
-                f"{type(module).__name__} updates its buffers {leaves} in place on every forward: each inner "
-                "step changes the module (even under FirstOrder), and statistics leak across tasks and "
-                "between support and query batches.",
-                (
-                    "put it in eval mode (module.eval(): running statistics, no update), or build it with "
-                    "track_running_stats=False (batch statistics everywhere, as MAML does)."
-                    if is_norm
-                    else "make the update conditional on self.training and call module.eval(), or keep the "
-                    "state outside the module."
-                ),
+        if policy == "update":
+            findings.append(
+                Finding(
+                    "buffer-update",
+                    "warning",
+                    path,
+                    f"{type(module).__name__} updates its buffers {leaves} in place on every forward, and "
+                    "InnerLoop(buffers='update') lets it: each inner step changes the module (even under "
+                    "FirstOrder), and statistics leak across tasks and between support and query batches.",
+                    "InnerLoop(buffers='task') gives each task its own copy (the same meta-gradient; the module "
+                    "is untouched); InnerLoop(buffers='frozen') adapts on the running statistics and never "
+                    "changes them"
+                    + (
+                        "; or build it with track_running_stats=False (batch statistics everywhere, as MAML does)."
+                        if is_norm
+                        else "; or keep the state outside the module."
+                    ),
+                )
             )
-        )
+        elif not is_norm:
+            findings.append(
+                Finding(
+                    "buffer-update",
+                    "warning",
+                    path,
+                    f"{type(module).__name__} writes its buffers {leaves} in place on every forward. Under "
+                    f"InnerLoop(buffers={policy!r}) metakit runs it on a copy, and a step that is run again "
+                    "(recomputed, or inside torch.func) on a throw-away copy: exact for statistics that the "
+                    "forward does not read, as BatchNorm's in training mode, but not for state that changes "
+                    "the output.",
+                    "keep such state outside the module, or make it a constant during meta-training.",
+                )
+            )
     return findings
 
 

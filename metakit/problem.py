@@ -125,8 +125,10 @@ class TaskProblem:
     @functools.cached_property
     def forward(self):
         """``forward(params, batch, buffers) -> loss``: the model (its top under a cut) in the task's precision."""
-        forward = self.cut.forward(self.model, self.loss_fn) if self.cut is not None else model_forward(
-            self.model, self.loss_fn
+        forward = (
+            self.cut.forward(self.model, self.loss_fn)
+            if self.cut is not None
+            else model_forward(self.model, self.loss_fn)
         )
         if self.precision == "fp32":
             return forward
@@ -177,7 +179,9 @@ class TaskProblem:
                 buffers=buffers,
             )
 
-    def adapt(self, differentiable_steps: int = 0, *, runner: Runner | None = None) -> tuple[Params, torch.Tensor]:
+    def adapt(
+        self, differentiable_steps: int = 0, *, runner: Runner | None = None
+    ) -> tuple[Params, torch.Tensor]:
         """Run the inner loop on the support batch from the learner's current values.
 
         Args:
@@ -240,7 +244,9 @@ class TaskProblem:
                 lr = {n: g / scale for n, g in lr.items()}
         return TaskGradient(query_loss.detach(), trace, outer, lr, detached(adapted))
 
-    def with_values(self, targets: Mapping[str, torch.Tensor], scales: Mapping[str, torch.Tensor]) -> TaskProblem:
+    def with_values(
+        self, targets: Mapping[str, torch.Tensor], scales: Mapping[str, torch.Tensor]
+    ) -> TaskProblem:
         """This problem with other values of the outer parameters and MetaSGD scales."""
         partition = Partition(
             shared={n: targets[n] for n in self.partition.shared},

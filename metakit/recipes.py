@@ -22,6 +22,7 @@ from metakit.strategies import FirstOrder, Implicit, Reptile, SecondOrder, Strat
 from metakit.task import LossFn
 
 __all__ = [
+    "COMMON_KEYWORDS",
     "anil",
     "fomaml",
     "imaml",
@@ -34,84 +35,132 @@ __all__ = [
 ]
 
 
-def _inner(
-    spec: Spec, inner_lr: float, steps: int, optimizer: GradientTransformation | None, **kw
-) -> InnerLoop:
-    return InnerLoop(spec, optimizer if optimizer is not None else torchopt.sgd(lr=inner_lr), steps, **kw)
+def _learner(
+    model: nn.Module,
+    loss_fn: LossFn | None,
+    *,
+    inner: Spec,
+    outer: Spec,
+    default_strategy: Strategy,
+    inner_only: str = "keep",
+    default_cut: Cut | str | None = None,
+    inner_lr: float,
+    steps: int,
+    optimizer: GradientTransformation | None = None,
+    strategy: Strategy | None = None,
+    learn_lr: bool = False,
+    buffers: str = "update",
+    logger: Any = None,
+    executor: Executor | None = None,
+    precision: str = "fp32",
+    cut: Cut | str | None = "default",
+) -> MetaLearner:
+    """Every recipe's learner: the recipe fixes the partition; the shared keywords do the rest."""
+    return MetaLearner(
+        model,
+        loss_fn,
+        inner=InnerLoop(
+            inner,
+            optimizer if optimizer is not None else torchopt.sgd(lr=inner_lr),
+            steps,
+            learn_lr=learn_lr,
+            buffers=buffers,
+        ),
+        outer_params=outer,
+        strategy=strategy if strategy is not None else default_strategy,
+        inner_only=inner_only,  # type: ignore[arg-type]
+        logger=logger,
+        executor=executor,
+        cut=default_cut if isinstance(cut, str) and cut == "default" else cut,
+        precision=precision,  # type: ignore[arg-type]
+    )
+
+
+def _fixed_strategy(recipe: str, strategy: Strategy, kwargs: dict[str, Any]) -> dict[str, Any]:
+    if "strategy" in kwargs:
+        raise TypeError(
+            f"recipes.{recipe}() is recipes.maml() with {strategy!r}, so it takes no strategy=; pass "
+            f"strategy={kwargs['strategy']!r} to recipes.maml() instead."
+        )
+    return {**kwargs, "strategy": strategy}
+
+
+#: The keywords every recipe takes (besides its partition): see :func:`maml`.
+COMMON_KEYWORDS = (
+    "inner_lr",
+    "steps",
+    "optimizer",
+    "strategy",
+    "learn_lr",
+    "buffers",
+    "logger",
+    "executor",
+    "precision",
+    "cut",
+)
 
 
 def maml(
     model: nn.Module,
     loss_fn: LossFn,
     *,
+    params: Spec | None = None,
     inner_lr: float = 0.01,
     steps: int = 1,
-    params: Spec | None = None,
-    strategy: Strategy | None = None,
-    optimizer: GradientTransformation | None = None,
-    learn_lr: bool = False,
-    logger: Any = None,
-    executor: Executor | None = None,
-    precision: str = "fp32",
+    **kwargs: Any,
 ) -> MetaLearner:
     """MAML (Finn et al., 2017): every parameter (or ``params``) adapts and is meta-learned, exactly.
 
-    ``learn_lr=True`` gives Meta-SGD (learned per-element inner rates).
+    Every recipe takes the same keywords besides its partition: ``inner_lr``, ``steps``,
+    ``optimizer`` (a TorchOpt optimizer instead of SGD at ``inner_lr``), ``strategy``, ``learn_lr``
+    (Meta-SGD: learned per-element inner rates), ``buffers`` (:class:`InnerLoop`'s buffer policy),
+    ``logger``, ``executor``, ``precision`` and ``cut``.
     """
     spec = params if params is not None else everything()
-    return MetaLearner(
+    return _learner(
         model,
         loss_fn,
-        inner=_inner(spec, inner_lr, steps, optimizer, learn_lr=learn_lr),
-        outer_params=spec,
-        strategy=strategy if strategy is not None else SecondOrder(),
-        logger=logger,
-        executor=executor,
-        precision=precision,
+        inner=spec,
+        outer=spec,
+        default_strategy=SecondOrder(),
+        inner_lr=inner_lr,
+        steps=steps,
+        **kwargs,
     )
 
 
 def fomaml(model: nn.Module, loss_fn: LossFn, **kwargs: Any) -> MetaLearner:
     """First-order MAML: :func:`maml` with :class:`FirstOrder` meta-gradients."""
-    return maml(model, loss_fn, strategy=FirstOrder(), **kwargs)
+    return maml(model, loss_fn, **_fixed_strategy("fomaml", FirstOrder(), kwargs))
 
 
 def reptile(model: nn.Module, loss_fn: LossFn, **kwargs: Any) -> MetaLearner:
     """Reptile (Nichol et al., 2018): :func:`maml`'s partition, meta-gradient ``θ − φ``."""
-    return maml(model, loss_fn, strategy=Reptile(), **kwargs)
+    return maml(model, loss_fn, **_fixed_strategy("reptile", Reptile(), kwargs))
 
 
 def imaml(
     model: nn.Module, loss_fn: LossFn, *, lam: float = 1.0, cg_steps: int = 10, **kwargs: Any
 ) -> MetaLearner:
     """iMAML (Rajeswaran et al., 2019): :func:`maml`'s partition with the implicit meta-gradient."""
-    return maml(model, loss_fn, strategy=Implicit(lam=lam, cg_steps=cg_steps), **kwargs)
+    return maml(model, loss_fn, **_fixed_strategy("imaml", Implicit(lam=lam, cg_steps=cg_steps), kwargs))
 
 
 def anil(
-    model: nn.Module,
-    loss_fn: LossFn,
-    *,
-    head: Spec,
-    inner_lr: float = 0.01,
-    steps: int = 1,
-    strategy: Strategy | None = None,
-    optimizer: GradientTransformation | None = None,
-    logger: Any = None,
-    executor: Executor | None = None,
-    precision: str = "fp32",
+    model: nn.Module, loss_fn: LossFn, *, head: Spec, inner_lr: float = 0.01, steps: int = 1, **kwargs: Any
 ) -> MetaLearner:
-    """ANIL (Raghu et al., 2020): only the head adapts; everything is meta-learned."""
-    return MetaLearner(
+    """ANIL (Raghu et al., 2020): only the head adapts; everything is meta-learned (the keywords of
+    :func:`maml`; ``cut="auto"`` by default)."""
+    return _learner(
         model,
         loss_fn,
-        inner=_inner(head, inner_lr, steps, optimizer),
-        outer_params=everything(),
-        strategy=strategy if strategy is not None else SecondOrder(),
-        logger=logger,
-        cut="auto",
-        executor=executor,
-        precision=precision,
+        inner=head,
+        outer=everything(),
+        default_strategy=SecondOrder(),
+        default_cut="auto",
+        inner_lr=inner_lr,
+        steps=steps,
+        **kwargs,
     )
 
 
@@ -122,20 +171,16 @@ def priming(
     pe: Spec,
     head: Spec,
     backbone: Spec | None = None,
+    adapt_backbone: bool = False,
     inner_lr: float = 0.03,
     steps: int = 5,
-    strategy: Strategy | None = None,
-    optimizer: GradientTransformation | None = None,
-    logger: Any = None,
-    adapt_backbone: bool = False,
-    executor: Executor | None = None,
-    cut: Cut | str | None = "auto",
-    precision: str = "fp32",
+    **kwargs: Any,
 ) -> MetaLearner:
     """Meta-learning for parameter-efficient fine-tuning (Gheini et al., Algorithm 1).
 
     Inner loop: the PE parameters θa and the head θh; outer: the backbone θp and θa; θh is carried
-    over from the first task of each meta-batch. First-order by default, as in the paper.
+    over from the first task of each meta-batch. First-order by default, as in the paper. Takes the
+    keywords of :func:`maml`.
 
     Args:
         pe: the parameter-efficient parameters (e.g. from ``metakit.peft.add_top_adapter``).
@@ -143,23 +188,25 @@ def priming(
         backbone: the pretrained parameters to prime; default everything else.
         adapt_backbone: the inner loop also updates the backbone (the paper's ablation 6, see
             :func:`maml_loop_priming`).
-        cut: feature reuse (:class:`~metakit.Cut`): ``"auto"`` finds it for the Hugging Face layouts
-            metakit knows, so the encoder runs once per batch; ``None`` runs the whole model at every
-            inner step. The meta-gradient is the same.
+        **kwargs: as :func:`maml`; ``cut`` (:class:`~metakit.Cut`) defaults to ``"auto"``, which finds it
+            for the Hugging Face layouts metakit knows, so the encoder runs once per batch; ``None``
+            runs the whole model at every inner step. The meta-gradient is the same.
     """
     backbone = backbone if backbone is not None else everything() - pe - head
     inner = backbone | pe | head if adapt_backbone else pe | head
-    return MetaLearner(
+    if adapt_backbone:
+        kwargs["cut"] = None
+    return _learner(
         model,
         loss_fn,
-        inner=_inner(inner, inner_lr, steps, optimizer),
-        outer_params=backbone | pe,
-        strategy=strategy if strategy is not None else FirstOrder(),
+        inner=inner,
+        outer=backbone | pe,
+        default_strategy=FirstOrder(),
         inner_only="first_task",
-        logger=logger,
-        cut=cut if not adapt_backbone else None,
-        executor=executor,
-        precision=precision,
+        default_cut="auto",
+        inner_lr=inner_lr,
+        steps=steps,
+        **kwargs,
     )
 
 
@@ -176,27 +223,23 @@ def meta_adapters(
     head: Spec,
     inner_lr: float = 0.03,
     steps: int = 5,
-    strategy: Strategy | None = None,
-    optimizer: GradientTransformation | None = None,
-    logger: Any = None,
-    executor: Executor | None = None,
-    precision: str = "fp32",
+    **kwargs: Any,
 ) -> MetaLearner:
     """Meta-Adapters (Bansal et al., 2022): inner = adapters + head, outer = adapters, backbone frozen.
 
-    The head is not meta-learned: every task adapts it from the same starting value.
+    The head is not meta-learned: every task adapts it from the same starting value. Takes the
+    keywords of :func:`maml` (``cut="auto"`` by default).
     """
-    return MetaLearner(
+    return _learner(
         model,
         loss_fn,
-        inner=_inner(adapters | head, inner_lr, steps, optimizer),
-        outer_params=adapters,
-        strategy=strategy if strategy is not None else SecondOrder(),
-        inner_only="keep",
-        logger=logger,
-        cut="auto",
-        executor=executor,
-        precision=precision,
+        inner=adapters | head,
+        outer=adapters,
+        default_strategy=SecondOrder(),
+        default_cut="auto",
+        inner_lr=inner_lr,
+        steps=steps,
+        **kwargs,
     )
 
 
@@ -210,9 +253,7 @@ def tams(
     meta_learn_init: bool = True,
     inner_lr: float = 0.03,
     steps: int = 5,
-    strategy: Strategy | None = None,
-    optimizer: GradientTransformation | None = None,
-    logger: Any = None,
+    **kwargs: Any,
 ) -> MetaLearner:
     """TARP + TAMS (Hou et al., 2022, "Meta-Learning the Difference"): structure and weights meta-learned.
 
@@ -220,7 +261,8 @@ def tams(
     head. Outer: the architecture weights ``α`` and TARP's shared factors and generator (outer only),
     the task-adaptive parameters' initialisation (``meta_learn_init``, MAML-style), and ``backbone`` if
     given (to meta-learn the pretrained weights too; default frozen). The head adapts from the same
-    start in every task. First-order by default (cheap); ``strategy=SecondOrder()`` is exact.
+    start in every task. First-order by default (cheap); ``strategy=SecondOrder()`` is exact. Takes
+    the keywords of :func:`maml`.
 
     Args:
         controller: the :class:`metakit.peft.TamsController` from ``metakit.peft.add_tams``.
@@ -236,12 +278,13 @@ def tams(
         outer = outer | controller.inner
     if backbone is not None:
         outer = outer | backbone
-    return MetaLearner(
+    return _learner(
         model,
         loss_fn,
-        inner=_inner(inner, inner_lr, steps, optimizer),
-        outer_params=outer,
-        strategy=strategy if strategy is not None else FirstOrder(),
-        inner_only="keep",
-        logger=logger,
+        inner=inner,
+        outer=outer,
+        default_strategy=FirstOrder(),
+        inner_lr=inner_lr,
+        steps=steps,
+        **kwargs,
     )

@@ -177,7 +177,9 @@ class InnerStep:
         """The optimizer's update (scaled by the MetaSGD scales): ``(new params, new state)``."""
         return self.optimizer.update(grads, state, params, lr_scales or None)
 
-    def final_loss(self, params: Mapping[str, torch.Tensor], live: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    def final_loss(
+        self, params: Mapping[str, torch.Tensor], live: Mapping[str, torch.Tensor]
+    ) -> torch.Tensor:
         """The support loss at ``params`` without a graph (the trace's last entry); writes no buffer."""
         with torch.no_grad():
             return self.loss(detached(params), detached(live), replay=True).detach()
@@ -342,7 +344,14 @@ def unroll(
         params = detached(params) if functional else fresh_leaves(params)
     state = step.init_state(params)
     prefix = run_steps(
-        step, params, state, detached(live), _detached_or_none(lr), first=0, stop=FixedSteps(first), runner=plain
+        step,
+        params,
+        state,
+        detached(live),
+        _detached_or_none(lr),
+        first=0,
+        stop=FixedSteps(first),
+        runner=plain,
     )
     params, state, losses = prefix.params, prefix.state, prefix.losses
     if first > 0:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import abc
 import warnings
+
 import torch
 
 from metakit.capabilities import Capabilities

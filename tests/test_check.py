@@ -73,7 +73,7 @@ def test_batchnorm_statistics_updated_in_place_are_reported_and_restored():
     finding = _only(report, "buffer-update")
     assert finding.where == "1" and finding.severity == "warning"
     assert "running_mean" in finding.what and "num_batches_tracked" in finding.what
-    assert "eval" in finding.fix and "track_running_stats=False" in finding.fix
+    assert "InnerLoop(buffers='task')" in finding.fix and "track_running_stats=False" in finding.fix
     bn = model[1]
     assert int(bn.num_batches_tracked) == 0
     assert torch.equal(bn.running_mean, torch.zeros(8)) and torch.equal(bn.running_var, torch.ones(8))
@@ -353,7 +353,9 @@ def test_report_prints_like_explain_and_task_uses_the_support_batch():
     model = _mlp(nn.BatchNorm1d(8), nn.Dropout(0.1))
     report = check(model, _learner(model), mk.Task(_batch(), _batch()))
     text = str(report)
-    assert text.splitlines()[0] == "check: Sequential with SecondOrder(): 2 warnings"
+    assert text.splitlines()[0] == (
+        "check: Sequential with SecondOrder() on Sequential(), InnerLoop(buffers='update'), precision='fp32': 2 warnings"
+    )
     assert "[warning] buffer-update at 1" in text and "[warning] dropout at 2" in text
     assert text.count("what follows:") == 2 and text.count("fix:") == 2
 
@@ -396,3 +398,57 @@ def test_tiny_bert_in_train_mode_reports_dropout_and_attention_only():
 def test_docstring_examples_run():
     results = doctest.testmod(check_module)
     assert results.failed == 0 and results.attempted >= 8, results
+
+
+# -- the executor, the buffer policy and the precision ---------------------------------------------
+def _composed(model, *, buffers="update", strategy=None, executor=None):
+    return mk.MetaLearner(
+        model,
+        squared_error,
+        inner=mk.InnerLoop(mk.select("3.*"), torchopt.sgd(lr=0.1), steps=1, buffers=buffers),
+        outer_params=mk.everything(),
+        strategy=strategy or mk.SecondOrder(),
+        executor=executor,
+    )
+
+
+@pytest.mark.parametrize("buffers", ["task", "frozen"])
+def test_batchnorm_under_task_or_frozen_buffers_is_not_reported(buffers):
+    model = _mlp(nn.BatchNorm1d(8))
+    report = check(model, _composed(model, buffers=buffers), _batch())
+    assert "buffer-update" not in report.kinds(), str(report)
+    assert f"buffers={buffers!r}" in str(report)  # the title names the policy
+
+
+def test_a_model_vmap_cannot_batch_is_reported_for_the_vmap_executor():
+    class ItemCall(nn.Module):
+        def forward(self, x):
+            return x * float(x.abs().max().item() > 0)
+
+    model = _mlp(ItemCall())
+    report = check(model, _composed(model, executor=mk.executors.Vmap()), _batch())
+    finding = _only(report, "vmap")
+    assert finding.severity == "error" and "Sequential()" in finding.fix
+    assert "vmap" not in check(model, _composed(model), _batch()).kinds()
+
+
+def test_forward_mode_is_not_probed_where_vmap_runs_steps_reverse_over_reverse():
+    class NoForwardRule(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            ctx.save_for_backward(x)
+            return x.clone()
+
+        @staticmethod
+        def backward(ctx, grad):
+            return grad
+
+    class Custom(nn.Module):
+        def forward(self, x):
+            return NoForwardRule.apply(x)
+
+    model = _mlp(Custom())
+    forward_mode = mk.SecondOrder(hvp="forward")
+    assert "no-forward-ad" in check(model, _composed(model, strategy=forward_mode), _batch()).kinds()
+    under_vmap = _composed(model, strategy=forward_mode, executor=mk.executors.Vmap())
+    assert "no-forward-ad" not in check(model, under_vmap, _batch()).kinds()

@@ -22,8 +22,7 @@ import torchopt
 from spawned_ranks import spawn_ranks
 
 import metakit as mk
-from metakit.executors import Distributed, DistributedError, RankMismatchError, rank_tasks
-from metakit.executors import Sequential
+from metakit.executors import Distributed, DistributedError, RankMismatchError, Sequential, rank_tasks
 from metakit.tasks import SineTasks, mse_loss, sine_mlp
 
 ROOT = Path(__file__).resolve().parents[1]

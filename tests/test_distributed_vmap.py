@@ -16,8 +16,7 @@ from spawned_ranks import spawn_ranks
 from torch import nn
 
 import metakit as mk
-from metakit.executors import Distributed, rank_tasks
-from metakit.executors import Sequential, Vmap
+from metakit.executors import Distributed, Sequential, Vmap, rank_tasks
 from metakit.tasks import SineTasks, mse_loss
 
 WORLD = 2

@@ -108,6 +108,44 @@ def test_loss_scaled_gradients_give_the_same_second_order_meta_gradient():
         torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-14)
 
 
+@pytest.mark.parametrize(
+    "strategy",
+    [
+        mk.SecondOrder(),
+        mk.SecondOrder(hvp="forward"),
+        mk.SecondOrder(checkpoint=2),
+        mk.FirstOrder(),
+        mk.Truncated(1),
+    ],
+    ids=repr,
+)
+def test_every_strategy_that_declares_loss_scaling_applies_and_removes_it(strategy, monkeypatch):
+    # fp16 needs a GPU; here the loss scale fp16 would use is forced onto float64, where scaling by a
+    # power of two is exact: a scale applied but not removed (or removed twice) changes the result.
+    assert strategy.capabilities.loss_scaling
+
+    def meta_gradient():
+        torch.manual_seed(0)
+        model = sine_mlp(hidden=8).double()
+        learner = mk.MetaLearner(
+            model,
+            mse_loss,
+            inner=mk.InnerLoop(mk.select("2.*", "4.*"), torchopt.sgd(lr=0.05), steps=3, learn_lr=True)
+            if strategy.capabilities.learned_lr
+            else mk.InnerLoop(mk.select("2.*", "4.*"), torchopt.sgd(lr=0.05), steps=3),
+            outer_params=mk.everything(),
+            strategy=strategy,
+        )
+        learner.meta_step(SineTasks(seed=1, dtype=torch.float64).sample(2))
+        return [p.grad.clone() for p in learner.outer_parameters()]
+
+    plain = meta_gradient()
+    monkeypatch.setattr("metakit.problem.loss_scale_for", lambda precision: 2.0**12)
+    scaled = meta_gradient()
+    for want, got in zip(plain, scaled, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-14)
+
+
 def test_scaled_grad_is_differentiable_again():
     x = torch.tensor(3.0, dtype=torch.float64, requires_grad=True)
     (dy,) = scaled_grad(x**3, [x], 2.0**10, create_graph=True)

@@ -162,5 +162,3 @@ def pack(tensor: torch.Tensor) -> tuple:
 def unpack(packed: tuple, device: torch.device) -> torch.Tensor:
     array, dtype = packed
     return torch.from_numpy(array).to(device=device, dtype=dtype)
-
-

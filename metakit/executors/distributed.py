@@ -257,7 +257,9 @@ def _device(params: Mapping[str, torch.Tensor]) -> torch.device:
 
 
 def _or_zeros(like: Mapping[str, torch.Tensor], sums: Mapping[str, torch.Tensor]) -> Params:
-    return {name: sums[name].detach() if name in sums else torch.zeros_like(value) for name, value in like.items()}
+    return {
+        name: sums[name].detach() if name in sums else torch.zeros_like(value) for name, value in like.items()
+    }
 
 
 def _combine(

@@ -47,7 +47,9 @@ class Vmap(Executor):
         >>> learner = mk.MetaLearner(..., executor=mk.executors.Vmap())  # doctest: +SKIP
     """
 
-    capabilities = Capabilities(functional=True, loss_scaling=False, in_place_buffers=False)
+    capabilities = Capabilities(
+        functional=True, loss_scaling=False, in_place_buffers=False, autocast_batch_norm=False
+    )
 
     def __init__(self, chunk_size: int | None = None):
         if chunk_size is not None and (

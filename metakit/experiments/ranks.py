@@ -27,9 +27,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from metakit.executors import Distributed
+from metakit.executors import Distributed, Sequential
 from metakit.executors.collectives import DistributedError, all_gather_object
-from metakit.executors import Sequential
 from metakit.problem import Strategy, TaskGradient, TaskProblem
 
 __all__ = ["Failure", "Ranks", "ScalarRecorder", "TaskStreams", "task_seed"]
