@@ -96,7 +96,7 @@ class Adaptation:
     Attributes:
         params: the adapted inner parameters after the last step. Through the differentiated steps
             they carry autograd history to the start values; the steps before count as identity
-            (``start + (φ - start).detach()``), so the meta-gradient of a parameter in inner ∩ outer is
+            (``φ.detach() + (start - start.detach())``), so the meta-gradient of a parameter in inner ∩ outer is
             taken with respect to its start value itself.
         losses: support loss before each step and after the last, shape ``[steps + 1]``, detached.
         state: the optimizer state after the last step.

@@ -329,7 +329,7 @@ def unroll(
     """An inner loop of ``steps`` steps whose last ``differentiable_steps`` are run by ``runner``.
 
     The steps before see constants (detached context and scales). Where the differentiated steps
-    start, the parameters are re-anchored on ``start``: ``start + (φ - start).detach()``, so that for
+    start, the parameters are re-anchored on ``start``: ``φ.detach() + (start - start.detach())``, so that for
     a parameter of ``start`` the steps before count as identity and its meta-gradient is taken
     with respect to ``start`` itself, under ``autograd`` and ``torch.func`` alike.
 
@@ -367,8 +367,9 @@ def unroll(
 
 
 def _anchored(params: Params, start: Params) -> Params:
-    """``start + (φ - start).detach()``: the value of φ, the gradient of ``start``."""
-    return {name: start[name] + (value - start[name]).detach() for name, value in params.items()}
+    """``φ.detach() + (start - start.detach())``: exactly the value of φ (``x - x`` is exactly zero),
+    with the gradient of ``start`` (identity)."""
+    return {name: value.detach() + (start[name] - start[name].detach()) for name, value in params.items()}
 
 
 def _detached_or_none(lr: Params | None) -> Params | None:

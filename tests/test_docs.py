@@ -32,11 +32,11 @@ def test_mkdocs_build_strict(tmp_path):
 
 
 def test_the_compatibility_table_is_generated_from_the_declarations():
-    from metakit.capabilities import TABLE_END, TABLE_START, documented_table
+    from metakit.compatibility import TABLE_END, TABLE_START, documented_table
 
     text = (ROOT / "docs" / "strategies.md").read_text(encoding="utf-8")
     block = text[text.index(TABLE_START) + len(TABLE_START) : text.index(TABLE_END)].strip()
     assert block == documented_table(), (
         "docs/strategies.md's compatibility table is stale; regenerate it with "
-        "python -c \"from metakit.capabilities import write_table; write_table('docs/strategies.md')\""
+        "python -c \"from metakit.compatibility import write_table; write_table('docs/strategies.md')\""
     )
