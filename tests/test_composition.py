@@ -298,3 +298,13 @@ def test_refusals_name_the_combination_and_what_works(strategy, executor, settin
     options = dict(cut=False, learn_lr=False, buffers="task", precision="fp32") | settings
     with pytest.raises(mk.CompositionError, match=message):
         build(strategy, executor, **options)
+
+
+def test_fp16_is_refused_where_the_executor_does_not_scale_its_gradients():
+    # fp16 itself needs CUDA (the learner refuses it on CPU first); the composition rule is checked here.
+    from metakit.capabilities import check_composition
+
+    for executor in (Vmap(), Distributed(local=Vmap())):
+        with pytest.raises(mk.CompositionError, match=r"precision='fp16'.*Instead: precision='bf16'"):
+            check_composition(mk.SecondOrder(), executor, precision="fp16")
+    check_composition(mk.SecondOrder(hvp="forward"), Distributed(), precision="fp16")  # scaled: allowed
