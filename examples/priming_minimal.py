@@ -9,7 +9,7 @@ tag table shared by every task, but every language spells tokens with its own vo
 backbone that learns the shared tagging structure adapts to a new language in a few steps; that
 is what priming meta-learns. For each recipe the script prints the meta-training query loss and,
 before and after, how well a few inner steps on an unseen language's support set tag its query set.
-Swap in a real encoder (``metakit.pretrained.multilingual_e5_small()``) and WikiAnn tasks
+Swap in a real encoder (``metakit.experiments.pretrained.multilingual_e5_small()``) and WikiAnn tasks
 (``metakit.tasks``) for the paper's setting.
 """
 

@@ -1,19 +1,24 @@
 """metakit: higher-order-gradient meta-learning for PyTorch.
 
 Compose a meta-learner from a model, a loss, an :class:`InnerLoop`, the outer parameters (a
-:class:`Spec`) and a :class:`Strategy`; ``docs/architecture.md`` describes the architecture.
+:class:`Spec`) and a :class:`Strategy`; ``docs/architecture.md`` describes the architecture. The core
+needs torch and torchopt only; ``metakit.peft`` (Hugging Face models), ``metakit.logging``
+(TensorBoard), ``metakit.experiments`` and ``metakit.bench`` come with extras
+(``pip install 'metakit[hf]'``, ``[tensorboard]``, ``[experiments]``, ``[bench]``).
 """
 
-from metakit import executors, tasks
+import importlib
+import warnings
+from typing import Any
+
+from metakit import executors, recipes, tasks
 from metakit.capabilities import Capabilities, CompositionError
 from metakit.functional import bind, double_backward_safe
 from metakit.implicit import ImplicitResidualError, ImplicitResidualWarning
 from metakit.inner import InnerLoop, InnerLossError
 from metakit.lean import ForwardModeError
 from metakit.learner import MetaLearner, MetaStepResult
-from metakit.preflight import Finding, Report, check
-from metakit.problem import Partition, TaskGradient, TaskProblem
-from metakit.prototype import PrototypeClassifier, PrototypeHead, prototype_loss, prototype_task
+from metakit.preflight import Report, check
 from metakit.reuse import Cut, CutError
 from metakit.spec import Spec, combine, everything, explain, module_type, nothing, regex, select
 from metakit.strategies import FirstOrder, Implicit, Reptile, SecondOrder, Strategy, Truncated, Unrolled
@@ -26,7 +31,6 @@ __all__ = [
     "CompositionError",
     "Cut",
     "CutError",
-    "Finding",
     "FirstOrder",
     "ForwardModeError",
     "Implicit",
@@ -36,17 +40,12 @@ __all__ = [
     "InnerLossError",
     "MetaLearner",
     "MetaStepResult",
-    "Partition",
-    "PrototypeClassifier",
-    "PrototypeHead",
     "Report",
     "Reptile",
     "SecondOrder",
     "Spec",
     "Strategy",
     "Task",
-    "TaskGradient",
-    "TaskProblem",
     "Truncated",
     "Unrolled",
     "bind",
@@ -58,9 +57,35 @@ __all__ = [
     "explain",
     "module_type",
     "nothing",
-    "prototype_loss",
-    "prototype_task",
+    "peft",
+    "recipes",
     "regex",
     "select",
     "tasks",
 ]
+
+# Names that left the top level: they still work for one release, with a DeprecationWarning.
+_MOVED = {
+    "Finding": "metakit.preflight",
+    "Partition": "metakit.problem",
+    "TaskGradient": "metakit.problem",
+    "TaskProblem": "metakit.problem",
+    "PrototypeClassifier": "metakit.prototype",
+    "PrototypeHead": "metakit.prototype",
+    "prototype_loss": "metakit.prototype",
+    "prototype_task": "metakit.prototype",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name == "peft":  # PE modules for Hugging Face models; imported on first use
+        return importlib.import_module("metakit.peft")
+    if name in _MOVED:
+        warnings.warn(
+            f"metakit.{name} is no longer a top-level name; import it from {_MOVED[name]} "
+            "(the old name goes away in the next release).",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return getattr(importlib.import_module(_MOVED[name]), name)
+    raise AttributeError(f"module 'metakit' has no attribute {name!r}")

@@ -6,9 +6,11 @@ import argparse
 import importlib
 import sys
 
+from metakit.extras import MissingExtraError
+
 # subcommand -> (module, one-line help). Each module defines add_arguments(parser) and run(args) -> int.
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
-    "bench": ("benchmarks.cli", "compare gradient strategies: time, memory, fidelity"),
+    "bench": ("metakit.bench.cli", "compare gradient strategies: time, memory, fidelity"),
     "ner": ("metakit.experiments.cli", "the priming experiment: cross-lingual WikiAnn NER"),
     "fewshot": ("metakit.experiments.fewshot.cli", "Meta-Adapters and baselines: few-shot LEOPARD"),
 }
@@ -43,6 +45,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:  # before a subcommand could handle it (e.g. while importing torch)
         print("interrupted", file=sys.stderr)
         return 130
+    except MissingExtraError as error:  # a subcommand whose extra is not installed
+        print(f"error: {error}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -6,7 +6,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
-from torch.utils.tensorboard import SummaryWriter
+
+from metakit.extras import require
 
 if TYPE_CHECKING:
     from metakit.learner import MetaLearner, MetaStepResult
@@ -47,7 +48,8 @@ class TensorBoardLogger:
         hparams: dict[str, Any] | None = None,
     ):
         self.log_dir = Path(log_dir)
-        self.writer = SummaryWriter(str(self.log_dir))
+        tensorboard = require("torch.utils.tensorboard", "tensorboard", "metakit.logging.TensorBoardLogger")
+        self.writer = tensorboard.SummaryWriter(str(self.log_dir))
         self.per_task, self.curve_every = per_task, curve_every
         self.hparams = dict(hparams or {})
         self._last: dict[str, float] = {}
@@ -121,7 +123,7 @@ def _diagnostics(result: MetaStepResult) -> dict[str, torch.Tensor]:
 
 
 def _curve_figure(inner_losses: torch.Tensor, step: int):
-    import matplotlib
+    matplotlib = require("matplotlib", "tensorboard", "TensorBoardLogger(curve_every=...)")
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

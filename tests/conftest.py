@@ -1,5 +1,7 @@
 """Fixtures shared by the test modules."""
 
+import os
+
 import pytest
 import torch
 
@@ -11,3 +13,8 @@ def float64():
     torch.set_default_dtype(torch.float64)
     yield
     torch.set_default_dtype(previous)
+
+
+# Tests never reach the Hugging Face hub: data comes from explicit paths, $METAKIT_DATA or the
+# development folder (metakit.experiments.data.locate skips the hub when this is set).
+os.environ.setdefault("HF_HUB_OFFLINE", "1")

@@ -12,10 +12,10 @@ import math
 import pytest
 import torch
 
-from benchmarks.config import Config
-from benchmarks.memory import PeakRSS, SavedTensorCounter
-from benchmarks.strategies import STRATEGIES, canonical_strategy, entry, names, unsupported_reason
-from benchmarks.worker import classify_failure
+from metakit.bench.config import Config
+from metakit.bench.memory import PeakRSS, SavedTensorCounter
+from metakit.bench.strategies import STRATEGIES, canonical_strategy, entry, names, unsupported_reason
+from metakit.bench.worker import classify_failure
 
 
 def test_saved_tensor_counter_counts_a_known_tensor_exactly():
@@ -63,7 +63,7 @@ def test_strategy_names_accept_spellings_and_list_valid_ones():
 
 
 def test_every_list_of_strategies_comes_from_the_table():
-    from benchmarks.grid import FULL, QUICK, default_strategies
+    from metakit.bench.grid import FULL, QUICK, default_strategies
 
     table = tuple(e.name for e in STRATEGIES)
     core = tuple(e.name for e in STRATEGIES if e.core)
@@ -87,7 +87,7 @@ def test_strategies_are_built_lazily_and_missing_options_are_unsupported():
     import inspect
 
     import metakit as mk
-    from benchmarks.strategies import build_strategy
+    from metakit.bench.strategies import build_strategy
 
     assert isinstance(build_strategy("truncated-1"), mk.Truncated)
     for name in ("second-order-forward", "second-order-checkpoint-4"):
@@ -101,7 +101,7 @@ def test_strategies_are_built_lazily_and_missing_options_are_unsupported():
 
 
 def test_plot_styles_are_distinct_for_any_number_of_strategies():
-    from benchmarks.plots import strategy_styles
+    from metakit.bench.plots import strategy_styles
 
     styles = strategy_styles([*names(), *(f"extra-{i}" for i in range(30))])
     assert len(styles) == len(STRATEGIES) + 30
@@ -112,7 +112,7 @@ def test_proximal_reference_matches_the_closed_form_of_ridge_regression():
     """φ* = (A + λI)⁻¹(b + λθ) for L = ‖Xφ − y‖²/n, so dL_q(φ*)/dθ = λ(A + λI)⁻¹ ∇L_q(φ*), A = 2XᵀX/n."""
     from torch import nn
 
-    from benchmarks.reference import proximal_reference_gradient
+    from metakit.bench.reference import proximal_reference_gradient
     from metakit.task import Task
 
     torch.manual_seed(0)
@@ -147,7 +147,7 @@ def test_proximal_reference_outer_only_gradient_matches_finite_differences():
     """An outer-only scale s on y = s·Xφ reaches the query loss directly and through φ*(θ, s)."""
     from torch import nn
 
-    from benchmarks.reference import proximal_reference_gradient
+    from metakit.bench.reference import proximal_reference_gradient
     from metakit.task import Task
 
     class Scaled(nn.Module):
@@ -186,7 +186,7 @@ def test_proximal_reference_outer_only_gradient_matches_finite_differences():
 def test_implicit_diagnostics_are_averaged_when_present():
     from types import SimpleNamespace
 
-    from benchmarks.measure import mean_diagnostics
+    from metakit.bench.measure import mean_diagnostics
 
     result = SimpleNamespace(
         diagnostics={
@@ -222,7 +222,7 @@ def test_plots_read_well(tmp_path):
     """The pitfalls a new user met: single-point panels, one-label log axes, a 0.998–1.000 cosine axis."""
     import matplotlib.pyplot as plt
 
-    from benchmarks.plots import _cosine_axis, _steps_axis, _value_axis, write_plots
+    from metakit.bench.plots import _cosine_axis, _steps_axis, _value_axis, write_plots
 
     written = {p.name for p in write_plots(_records_for_plots(), tmp_path, "cpu")}
     assert written == {"time_vs_steps.png", "memory_vs_steps.png", "fidelity_vs_cost.png"}
@@ -241,7 +241,7 @@ def test_plots_read_well(tmp_path):
 
 
 def test_table_legend_explains_the_outcome_and_shows_residuals_only_when_measured():
-    from benchmarks.report import legend, markdown_table
+    from metakit.bench.report import legend, markdown_table
 
     record = _records_for_plots()[0]
     record["outcome"] = {
@@ -274,7 +274,7 @@ def test_unknown_option_shows_the_bench_usage(capsys):
 
 
 def test_from_records_on_a_file_that_is_not_records_is_one_clear_error(tmp_path):
-    from benchmarks.cli import run
+    from metakit.bench.cli import run
 
     not_records = tmp_path / "README.md"
     not_records.write_text("# a readme\n")
@@ -285,7 +285,7 @@ def test_from_records_on_a_file_that_is_not_records_is_one_clear_error(tmp_path)
 
 
 def _bench_parser() -> argparse.ArgumentParser:
-    from benchmarks.cli import add_arguments
+    from metakit.bench.cli import add_arguments
 
     parser = argparse.ArgumentParser(prog="metakit bench")
     add_arguments(parser)
@@ -302,7 +302,7 @@ def test_unknown_workload_is_a_usage_error_listing_valid_ones(capsys):
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without a GPU")
 def test_cuda_without_gpu_is_a_clear_error():
-    from benchmarks.cli import run
+    from metakit.bench.cli import run
 
     args = _bench_parser().parse_args(["--device", "cuda"])
     with pytest.raises(SystemExit, match="no CUDA GPU is available"):
@@ -310,9 +310,9 @@ def test_cuda_without_gpu_is_a_clear_error():
 
 
 def test_runner_records_are_well_formed(tmp_path):
-    from benchmarks.plots import write_plots
-    from benchmarks.report import markdown_table
-    from benchmarks.runner import run_configs
+    from metakit.bench.plots import write_plots
+    from metakit.bench.report import markdown_table
+    from metakit.bench.runner import run_configs
 
     other_exact = [e.name for e in STRATEGIES if e.exact and e.name != "second-order"]
     configs = [
@@ -360,9 +360,9 @@ def test_implicit_agrees_with_the_proximal_reference_where_its_inner_problem_is_
     import torchopt
 
     import metakit as mk
-    from benchmarks.measure import cosine_and_relative_error
-    from benchmarks.reference import proximal_reference_gradient
-    from benchmarks.workloads import WORKLOADS
+    from metakit.bench.measure import cosine_and_relative_error
+    from metakit.bench.reference import proximal_reference_gradient
+    from metakit.bench.workloads import WORKLOADS
     from metakit.task import Task
 
     built = WORKLOADS["sine-tanh"].build(torch.device("cpu"))
@@ -397,9 +397,9 @@ def test_proximal_fidelity_is_cached_per_run_and_needs_a_converged_reference(tmp
     import functools
     from types import SimpleNamespace
 
-    from benchmarks import measure
-    from benchmarks.measure import _proximal_fidelity
-    from benchmarks.workloads import WORKLOADS
+    from metakit.bench import measure
+    from metakit.bench.measure import _proximal_fidelity
+    from metakit.bench.workloads import WORKLOADS
 
     built = WORKLOADS["sine-tanh"].build(torch.device("cpu"))
     built.tasks = built.tasks[:2]

@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 from datasets import Dataset
 
-from metakit.tasks.episodes import FewShotSampler, label_ids
-from metakit.tasks.glue_meta import DEFAULT_GLUE_META_DIR, GLUE_META_TASKS, load_glue_meta
-from metakit.tasks.leopard import (
+from metakit.experiments.data.episodes import FewShotSampler, label_ids
+from metakit.experiments.data.glue_meta import DEFAULT_GLUE_META_DIR, GLUE_META_TASKS, load_glue_meta
+from metakit.experiments.data.leopard import (
     DEFAULT_LEOPARD_DIR,
     LEOPARD_EPISODES,
     LEOPARD_SHOTS,
@@ -43,7 +43,7 @@ def test_leopard_task_matches_readme(task, caplog):
     assert len(labels) == spec.n_classes  # and class count
     assert test.column_names == ["text_a", "text_b", "label"]
     assert all((b is not None) == (task in PAIR_TASKS) for b in test["text_b"])
-    with caplog.at_level(logging.WARNING, logger="metakit.tasks.leopard"):
+    with caplog.at_level(logging.WARNING, logger="metakit.experiments.data.leopard"):
         for k in LEOPARD_SHOTS:
             episodes = leopard_episodes(task, k)
             empty = (task, k) == ("disaster", 16)

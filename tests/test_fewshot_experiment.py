@@ -10,13 +10,13 @@ from pathlib import Path
 import pytest
 import torch
 
+from metakit.experiments.data.glue_meta import DEFAULT_GLUE_META_DIR
+from metakit.experiments.data.leopard import DEFAULT_LEOPARD_DIR, EmptyEpisodeError
 from metakit.experiments.fewshot.config import FEWSHOT_PRESETS, load_fewshot_config
 from metakit.experiments.fewshot.hparams import choose_finetune_lrs
 from metakit.experiments.fewshot.report import fewshot_table, paired_comparison
 from metakit.experiments.fewshot.settings import FEWSHOT_SETTINGS
 from metakit.experiments.fewshot.unit import FewShotResources, fewshot_units, run_unit, score
-from metakit.tasks.glue_meta import DEFAULT_GLUE_META_DIR
-from metakit.tasks.leopard import DEFAULT_LEOPARD_DIR, EmptyEpisodeError
 
 pytestmark = pytest.mark.skipif(
     not (Path(DEFAULT_LEOPARD_DIR).is_dir() and Path(DEFAULT_GLUE_META_DIR).is_dir()),
@@ -200,10 +200,10 @@ def test_pool_dev_loss_scores_the_model_as_it_is_now(tiny):
     import torchopt
 
     from metakit import recipes
+    from metakit.experiments.data.episodes import FewShotSampler
     from metakit.experiments.fewshot.meta import DEV_EPISODE_SEED, pool_dev_loss, pool_task
     from metakit.prototype import prototype_loss
     from metakit.strategies import FirstOrder
-    from metakit.tasks.episodes import FewShotSampler
 
     config, resources = tiny
     model, groups = resources.backbone.build(FEWSHOT_SETTINGS["meta_adapters"], config.seed)

@@ -7,14 +7,14 @@ from pathlib import Path
 import pytest
 import torch
 
+from metakit.experiments.data.episodes import label_ids
+from metakit.experiments.data.glue_meta import DEFAULT_GLUE_META_DIR
+from metakit.experiments.data.leopard import DEFAULT_LEOPARD_DIR
 from metakit.experiments.fewshot.config import load_fewshot_config
 from metakit.experiments.fewshot.data import episode_batch
 from metakit.experiments.fewshot.settings import FEWSHOT_SETTINGS
 from metakit.experiments.fewshot.tune import finetune_episode
 from metakit.experiments.fewshot.unit import FewShotResources, run_unit
-from metakit.tasks.episodes import label_ids
-from metakit.tasks.glue_meta import DEFAULT_GLUE_META_DIR
-from metakit.tasks.leopard import DEFAULT_LEOPARD_DIR
 
 pytestmark = pytest.mark.skipif(
     not (Path(DEFAULT_LEOPARD_DIR).is_dir() and Path(DEFAULT_GLUE_META_DIR).is_dir()),

@@ -109,7 +109,7 @@ def test_a_single_inner_step():
 
 def test_priming_through_hugging_face_attention():
     transformers = pytest.importorskip("transformers")
-    from metakit import peft
+    import metakit.peft as mkpeft
 
     config = transformers.BertConfig(
         vocab_size=50,
@@ -140,9 +140,9 @@ def test_priming_through_hugging_face_attention():
 
     def grads_for(strategy):
         model = make()
-        adapter = peft.add_top_adapter(model, bottleneck=4)
+        adapter = mkpeft.add_top_adapter(model, bottleneck=4)
         learner = recipes.priming(
-            model, lambda forward, b: forward(**b).loss, pe=adapter, head=peft.head_spec(model), steps=3
+            model, lambda forward, b: forward(**b).loss, pe=adapter, head=mkpeft.head_spec(model), steps=3
         )
         learner.strategy = strategy
         learner.meta_step(tasks)

@@ -11,11 +11,11 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from test_ner_pipeline import data_dir  # noqa: F401 - a fixture
 
 from metakit.experiments.config import load_config
+from metakit.experiments.data import encode_ner, load_wikiann
 from metakit.experiments.model import Backbone
 from metakit.experiments.priming import _MetaPriming
 from metakit.experiments.settings import SETTINGS
 from metakit.experiments.tagger import token_loss
-from metakit.tasks import encode_ner, load_wikiann
 
 
 def meta_priming(data_dir: Path, log_dir: Path, inner_lr: float) -> _MetaPriming:  # noqa: F811

@@ -13,10 +13,10 @@ import torch
 from metakit.experiments import priming
 from metakit.experiments.cli import add_arguments, run
 from metakit.experiments.config import load_config
+from metakit.experiments.data import encode_ner, entity_f1, load_wikiann, make_collator
 from metakit.experiments.model import Backbone
 from metakit.experiments.report import load_predictions
 from metakit.experiments.settings import SETTINGS
-from metakit.tasks import encode_ner, entity_f1, load_wikiann, make_collator
 
 NAMES = ["Anna", "Pieter", "Ravi", "Maria", "Jonas"]
 PLACES = ["Berlin", "Delhi", "Kaapstad", "Madrid", "Vilnius"]

@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 from test_ner_pipeline import cli, data_dir, tiny_run  # noqa: F401 - data_dir is a fixture
 
+from metakit.experiments.data import entity_f1
 from metakit.experiments.lock import FolderLock, FolderLockedError
 from metakit.experiments.report import load_predictions, load_unit_result, save_predictions, write_json
 from metakit.experiments.verify import verify_folder
-from metakit.tasks import entity_f1
 
 COMMITTED = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "priming-cpu"
 

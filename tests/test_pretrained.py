@@ -1,4 +1,4 @@
-"""metakit.pretrained: the E5S1 reader on a synthetic file, the cached atomic build, the real e5."""
+"""metakit.experiments.pretrained: the E5S1 reader on a synthetic file, the cached atomic build, the real e5."""
 
 from __future__ import annotations
 
@@ -11,9 +11,9 @@ import pytest
 import torch
 from transformers import AutoTokenizer, BertConfig, BertModel
 
-import metakit.pretrained.e5_small as e5_small
-from metakit.pretrained import E5_INSTALL, E5FormatError, multilingual_e5_small, read_e5_q4
-from metakit.pretrained.e5_reader import tensor_names
+import metakit.experiments.pretrained.e5_small as e5_small
+from metakit.experiments.pretrained import E5_INSTALL, E5FormatError, multilingual_e5_small, read_e5_q4
+from metakit.experiments.pretrained.e5_reader import tensor_names
 
 torch.set_num_threads(1)
 

@@ -25,7 +25,7 @@ TINY = dict(
 )
 #: TARP's task factors start at zero, so the output at insertion is the pretrained one up to rounding.
 INSERTION_ATOL = 1e-6
-#: multilingual-e5-small (metakit.pretrained builds it; its config.json has these numbers).
+#: multilingual-e5-small (metakit.experiments.pretrained builds it; its config.json has these numbers).
 E5_SMALL = dict(
     hidden_size=384, num_hidden_layers=12, num_attention_heads=12, intermediate_size=1536, vocab_size=250037
 )
@@ -180,11 +180,13 @@ def test_parameter_counts_per_layer(config, rank):
 
 
 def test_e5_config_numbers_match_the_built_model_when_cached():
-    from metakit.pretrained import cache_root
+    from metakit.experiments.pretrained import cache_root
 
     path = cache_root() / "multilingual-e5-small" / "config.json"
     if not path.is_file():
-        pytest.skip("multilingual-e5-small has not been built on this machine (metakit.pretrained)")
+        pytest.skip(
+            "multilingual-e5-small has not been built on this machine (metakit.experiments.pretrained)"
+        )
     import json
 
     config = json.loads(path.read_text())

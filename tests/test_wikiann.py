@@ -7,9 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from metakit.experiments.tiny import tiny_tokenizer
-from metakit.task import Task
-from metakit.tasks import (
+from metakit.experiments.data import (
     WIKIANN_LABELS,
     EpisodeSampler,
     align_labels,
@@ -21,6 +19,8 @@ from metakit.tasks import (
     wikiann_features,
     word_predictions,
 )
+from metakit.experiments.tiny import tiny_tokenizer
+from metakit.task import Task
 
 REAL_DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "wikiann"
 

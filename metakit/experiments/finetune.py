@@ -16,11 +16,11 @@ from torch.utils.tensorboard import SummaryWriter
 from tqdm.auto import tqdm
 from transformers import DataCollatorForTokenClassification, get_linear_schedule_with_warmup
 
+from metakit.experiments.data.metrics import word_predictions
+from metakit.experiments.data.ner import IGNORE_INDEX, batches, model_inputs
+from metakit.experiments.data.wikiann import WIKIANN_LABELS
 from metakit.experiments.tagger import Tagger, token_loss
 from metakit.spec import Spec
-from metakit.tasks.metrics import word_predictions
-from metakit.tasks.ner import IGNORE_INDEX, batches, model_inputs
-from metakit.tasks.wikiann import WIKIANN_LABELS
 
 __all__ = ["finetune", "predict", "sentence_features"]
 
@@ -74,7 +74,7 @@ def finetune(
     """Train the parameters ``tuned`` selects with AdamW and a linear decay; everything else is frozen.
 
     Args:
-        rows: encoded sentences (:func:`metakit.tasks.ner.model_inputs`).
+        rows: encoded sentences (:func:`metakit.experiments.data.ner.model_inputs`).
         features: their :func:`sentence_features`, to train the top part only (the encoder must be frozen).
         writer: TensorBoard writer for ``finetune/loss`` and ``finetune/lr``.
         progress: show a progress bar (off on the ranks that do not write, under ``torchrun``).
@@ -127,7 +127,7 @@ def predict(
     batch_size: int,
     features: Sequence[torch.Tensor] | None = None,
 ) -> list[list[str]]:
-    """Word-level predicted tags for every sentence of an :func:`~metakit.tasks.encode_ner` dataset."""
+    """Word-level predicted tags for every sentence of an :func:`~metakit.experiments.data.encode_ner` dataset."""
     tagger.eval()
     rows = model_inputs(encoded)
     word_index, n_words = encoded["word_index"], [len(t) for t in encoded["tokens"]]

@@ -16,10 +16,10 @@ from torch import nn
 from transformers import AutoModelForTokenClassification, AutoTokenizer, PreTrainedTokenizerBase
 
 from metakit.experiments.config import ExperimentConfig
+from metakit.experiments.data.wikiann import WIKIANN_LABELS
 from metakit.experiments.settings import Setting
 from metakit.experiments.tagger import Tagger
 from metakit.spec import Spec, everything, nothing, select
-from metakit.tasks.wikiann import WIKIANN_LABELS
 
 __all__ = ["Backbone", "Groups", "check_model", "fraction", "resolve_model_path", "trainable_state"]
 
@@ -30,10 +30,10 @@ def resolve_model_path(name: str) -> str:
     """``"e5"`` → the offline multilingual-e5-small folder; any other name or path as given."""
     if name == "e5":
         try:
-            from metakit.pretrained import multilingual_e5_small
+            from metakit.experiments.pretrained import multilingual_e5_small
         except ImportError as error:
             raise ImportError(
-                "model 'e5' needs metakit.pretrained.multilingual_e5_small (the offline encoder); "
+                "model 'e5' needs metakit.experiments.pretrained.multilingual_e5_small (the offline encoder); "
                 f"it could not be imported: {error}. Pass a hub name or a local path instead."
             ) from error
         return str(multilingual_e5_small())

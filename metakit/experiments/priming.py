@@ -24,6 +24,7 @@ from transformers import PreTrainedTokenizerBase, get_linear_schedule_with_warmu
 
 from metakit import recipes
 from metakit.experiments.config import ExperimentConfig
+from metakit.experiments.data.ner import EpisodeSampler, batches, make_collator, model_inputs
 from metakit.experiments.model import Groups, trainable_state
 from metakit.experiments.ranks import Ranks
 from metakit.experiments.settings import Setting
@@ -31,7 +32,6 @@ from metakit.experiments.tagger import Tagger, token_loss
 from metakit.functional import bind
 from metakit.logging import TensorBoardLogger
 from metakit.task import Task
-from metakit.tasks.ner import EpisodeSampler, batches, make_collator, model_inputs
 
 __all__ = ["CheckpointError", "load_checkpoint", "prime", "rng_states", "set_rng_states"]
 

@@ -33,6 +33,16 @@ from torch.utils.tensorboard import SummaryWriter
 from tqdm.auto import tqdm
 
 from metakit.experiments.config import ExperimentConfig, differing_keys
+from metakit.experiments.data.locate import locate
+from metakit.experiments.data.metrics import entity_f1
+from metakit.experiments.data.ner import encode_ner, make_collator, model_inputs, truncated_count
+from metakit.experiments.data.wikiann import (
+    WIKIANN_HUB_NAME,
+    WIKIANN_LABELS,
+    load_wikiann,
+    wikiann_files,
+    wikiann_path,
+)
 from metakit.experiments.finetune import finetune, predict, sentence_features
 from metakit.experiments.folder import open_folder, saved_config
 from metakit.experiments.model import Backbone, check_model, fraction, trainable_state
@@ -45,9 +55,6 @@ from metakit.experiments.report import (
     write_json,
 )
 from metakit.experiments.settings import SETTINGS, Setting
-from metakit.tasks.metrics import entity_f1
-from metakit.tasks.ner import encode_ner, make_collator, model_inputs, truncated_count
-from metakit.tasks.wikiann import WIKIANN_LABELS, load_wikiann, wikiann_path
 
 __all__ = ["Experiment", "saved_config"]
 
@@ -112,13 +119,22 @@ class Experiment:
     def _check_inputs(self) -> None:
         c = self.config
         check_model(c.model)
-        if c.data_dir is None:
+        # Where the data is (a folder, or the hub: checked when it loads); a clear error if nowhere.
+        folder = locate(
+            "wikiann",
+            c.data_dir,
+            hub=lambda: None,
+            hub_name=WIKIANN_HUB_NAME,
+            label="WikiAnn",
+            expected=wikiann_files(c.sources[0]),
+        )
+        if folder is None:
             return
         for lang in c.sources:
-            wikiann_path(c.data_dir, lang, "train")
+            wikiann_path(folder, lang, "train")
         for lang in c.targets:
-            wikiann_path(c.data_dir, lang, "train")
-            wikiann_path(c.data_dir, lang, "test")
+            wikiann_path(folder, lang, "train")
+            wikiann_path(folder, lang, "test")
 
     def done(self, setting: int, lang: str, seed: int) -> bool:
         """Whether the unit has a result on disk."""

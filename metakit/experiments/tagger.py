@@ -16,9 +16,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from metakit.experiments.data.ner import IGNORE_INDEX
 from metakit.reuse import Cut
 from metakit.spec import Spec
-from metakit.tasks.ner import IGNORE_INDEX
 
 __all__ = ["Tagger", "token_loss"]
 

@@ -12,13 +12,13 @@ import math
 from collections.abc import Callable
 from pathlib import Path
 
+from metakit.experiments.data.metrics import entity_f1
 from metakit.experiments.report import (
     ResultsFileError,
     load_predictions,
     load_unit_result,
     read_results,
 )
-from metakit.tasks.metrics import entity_f1
 
 __all__ = ["verify_folder"]
 

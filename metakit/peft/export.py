@@ -23,9 +23,9 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import save_file
 from torch import nn
 
+from metakit.extras import require
 from metakit.peft.interop import import_peft
 from metakit.peft.modules import BottleneckAdapter, PELinear
 from metakit.spec import Spec, require_nonempty
@@ -108,7 +108,7 @@ def _export_peft_model(peft: Any, model: nn.Module, path: Path, values: Mapping[
         tensors = get_peft_model_state_dict(model, state_dict=state, adapter_name=adapter_name)
         target = path if adapter_name == "default" else path / adapter_name
         target.mkdir(parents=True, exist_ok=True)
-        save_file(_contiguous(tensors), str(target / "adapter_model.safetensors"), metadata={"format": "pt"})
+        _save_file(_contiguous(tensors), str(target / "adapter_model.safetensors"), metadata={"format": "pt"})
         config.save_pretrained(str(target))
     return path
 
@@ -188,7 +188,7 @@ def _export_metakit_lora(
         inference_mode=True,
     )
     path.mkdir(parents=True, exist_ok=True)
-    save_file(_contiguous(tensors), str(path / "adapter_model.safetensors"), metadata={"format": "pt"})
+    _save_file(_contiguous(tensors), str(path / "adapter_model.safetensors"), metadata={"format": "pt"})
     config.save_pretrained(str(path))
     return path
 
@@ -239,3 +239,7 @@ def _exact(module_name: str) -> str:
 
 def _contiguous(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {name: t.detach().to("cpu").contiguous().clone() for name, t in tensors.items()}
+
+
+def _save_file(tensors: Mapping[str, torch.Tensor], path: str, metadata: dict[str, str]) -> None:
+    require("safetensors.torch", "hf", "metakit.peft.export_peft").save_file(tensors, path, metadata=metadata)

@@ -8,10 +8,9 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
 from torch import nn
 
+from metakit.extras import require
 from metakit.spec import Spec, require_nonempty
 
 __all__ = ["load_pe", "save_pe"]
@@ -42,7 +41,9 @@ def save_pe(
     values = {**own, **(params or {})}
     tensors = {name: values[name].detach().to("cpu").contiguous().clone() for name in names}
     metadata = {"format": _FORMAT, "spec": repr(spec), "model": type(model).__name__}
-    save_file(tensors, str(path), metadata=metadata)
+    require("safetensors.torch", "hf", "metakit.peft.save_pe").save_file(
+        tensors, str(path), metadata=metadata
+    )
     return names
 
 
@@ -61,9 +62,11 @@ def load_pe(path: str | os.PathLike, model: nn.Module) -> list[str]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"load_pe: no such file {str(path)!r}.")
+    safetensors = require("safetensors", "hf", "metakit.peft.load_pe")
+    require("safetensors.torch", "hf", "metakit.peft.load_pe")
     try:
-        tensors = load_file(str(path))
-    except (SafetensorError, OSError) as err:
+        tensors = safetensors.torch.load_file(str(path))
+    except (safetensors.SafetensorError, OSError) as err:
         raise ValueError(f"load_pe: {str(path)!r} is not a readable safetensors file: {err}") from err
     own = dict(model.named_parameters())
     unknown = sorted(set(tensors) - set(own))

@@ -19,9 +19,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from metakit.experiments.config import read_config_file
+from metakit.experiments.data.glue_meta import DEFAULT_GLUE_META_DIR, GLUE_META_TASKS
+from metakit.experiments.data.leopard import (
+    DEFAULT_LEOPARD_DIR,
+    LEOPARD_EPISODES,
+    LEOPARD_SHOTS,
+    LEOPARD_TASKS,
+)
 from metakit.experiments.fewshot.settings import FEWSHOT_SETTINGS
-from metakit.tasks.glue_meta import DEFAULT_GLUE_META_DIR, GLUE_META_TASKS
-from metakit.tasks.leopard import DEFAULT_LEOPARD_DIR, LEOPARD_EPISODES, LEOPARD_SHOTS, LEOPARD_TASKS
 
 __all__ = ["FEWSHOT_PRESETS", "FEWSHOT_SELECTION_KEYS", "FewShotConfig", "load_fewshot_config"]
 

@@ -18,10 +18,10 @@ import statistics
 from collections.abc import Sequence
 from typing import Any
 
+from metakit.experiments.data.episodes import FewShotSampler
 from metakit.experiments.fewshot.config import FewShotConfig
 from metakit.experiments.fewshot.settings import FEWSHOT_SETTINGS
 from metakit.experiments.fewshot.unit import FewShotResources, evaluate_episode, score
-from metakit.tasks.episodes import FewShotSampler
 
 __all__ = ["choose_finetune_lrs"]
 

@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
 from metakit import recipes
+from metakit.experiments.data.episodes import FewShotSampler
 from metakit.experiments.fewshot.config import FewShotConfig
 from metakit.experiments.fewshot.data import episode_batch
 from metakit.experiments.fewshot.model import FewShotGroups
@@ -32,7 +33,6 @@ from metakit.learner import MetaLearner
 from metakit.prototype import PrototypeClassifier, prototype_loss
 from metakit.strategies import FirstOrder, SecondOrder
 from metakit.task import Task
-from metakit.tasks.episodes import FewShotSampler
 
 __all__ = ["meta_train", "pool_dev_loss", "pool_task"]
 
@@ -47,7 +47,7 @@ def pool_task(
     prefix: str = "",
     device: str | torch.device = "cpu",
 ) -> Task:
-    """A :class:`~metakit.Task` of an :class:`~metakit.tasks.episodes.Episode`, prototype head and loss."""
+    """A :class:`~metakit.Task` of an :class:`~metakit.experiments.data.episodes.Episode`, prototype head and loss."""
     support = episode_batch(tokenizer, episode.support, max_length, prefix)
     support.n_classes = episode.n_way
     query = episode_batch(tokenizer, episode.query, max_length, prefix, support=support)

@@ -27,6 +27,8 @@ from torch.utils.tensorboard import SummaryWriter
 from tqdm.auto import tqdm
 
 from metakit.experiments.config import differing_keys
+from metakit.experiments.data.glue_meta import load_glue_meta
+from metakit.experiments.data.leopard import leopard_labels
 from metakit.experiments.fewshot.config import FEWSHOT_SELECTION_KEYS, FewShotConfig
 from metakit.experiments.fewshot.report import render_fewshot_report
 from metakit.experiments.fewshot.settings import FEWSHOT_SETTINGS
@@ -34,8 +36,6 @@ from metakit.experiments.fewshot.unit import FewShotResources, fewshot_units, ru
 from metakit.experiments.folder import open_folder
 from metakit.experiments.model import check_model
 from metakit.experiments.report import environment, save_rows, write_json
-from metakit.tasks.glue_meta import load_glue_meta
-from metakit.tasks.leopard import leopard_labels
 
 __all__ = ["FewShotExperiment", "fewshot_differing_keys", "unit_path"]
 

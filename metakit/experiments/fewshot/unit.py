@@ -26,6 +26,14 @@ from datasets import Dataset
 from sklearn.metrics import accuracy_score, f1_score
 from torch.utils.tensorboard import SummaryWriter
 
+from metakit.experiments.data.episodes import label_ids
+from metakit.experiments.data.glue_meta import load_glue_meta
+from metakit.experiments.data.leopard import (
+    EmptyEpisodeError,
+    load_leopard_episode,
+    load_leopard_test,
+    stratified_subsample,
+)
 from metakit.experiments.fewshot.config import FewShotConfig
 from metakit.experiments.fewshot.data import at_max_length, episode_batch, input_batches
 from metakit.experiments.fewshot.meta import meta_train
@@ -33,14 +41,6 @@ from metakit.experiments.fewshot.model import FewShotBackbone
 from metakit.experiments.fewshot.settings import FEWSHOT_SETTINGS, FewShotSetting
 from metakit.experiments.fewshot.tune import encode_all, finetune_episode, predict_labels
 from metakit.experiments.model import fraction, trainable_state
-from metakit.tasks.episodes import label_ids
-from metakit.tasks.glue_meta import load_glue_meta
-from metakit.tasks.leopard import (
-    EmptyEpisodeError,
-    load_leopard_episode,
-    load_leopard_test,
-    stratified_subsample,
-)
 
 __all__ = ["FewShotResources", "evaluate_episode", "fewshot_units", "run_unit", "score"]
 

@@ -15,7 +15,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from metakit.pretrained.e5_reader import E5FormatError, E5Vocab, read_e5_q4
+from metakit.experiments.pretrained.e5_reader import E5FormatError, E5Vocab, read_e5_q4
 
 __all__ = ["E5_INSTALL", "MODEL_DIR_NAME", "cache_root", "multilingual_e5_small"]
 
@@ -92,7 +92,11 @@ def _write_model_dir(target: Path, weights: Path, tokenizer: Path) -> None:
     )
     shutil.copyfile(tokenizer, target / "tokenizer.json")
     (target / "tokenizer_config.json").write_text(json.dumps(TOKENIZER_CONFIG, indent=2) + "\n")
-    source = {"weights": str(weights), "tokenizer": str(tokenizer), "built_by": "metakit.pretrained"}
+    source = {
+        "weights": str(weights),
+        "tokenizer": str(tokenizer),
+        "built_by": "metakit.experiments.pretrained",
+    }
     (target / "metakit_source.json").write_text(json.dumps(source, indent=2) + "\n")
 
 

@@ -5,7 +5,7 @@ imported torch and metakit (``multiprocessing``'s ``forkserver``), so each confi
 with a clean heap without paying ~10 s of imports. For debugging, one configuration can also be
 run by hand::
 
-    python -m benchmarks.worker CONFIG.json RECORD.json
+    python -m metakit.bench.worker CONFIG.json RECORD.json
 
 The record is always written, also when the configuration fails: ``status`` is ``"ok"``,
 ``"oom"`` (out of memory), ``"unsupported"`` (the learner rejects the combination) or ``"error"``.
@@ -23,13 +23,13 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.config import Config
-from benchmarks.measure import measure
+from metakit.bench.config import Config
+from metakit.bench.measure import measure
 
 __all__ = ["PRELOAD", "classify_failure", "main", "run_in_child"]
 
 #: Modules the fork server imports once, so that forked workers start warm.
-PRELOAD = ["benchmarks.worker", "transformers.models.bert.modeling_bert"]
+PRELOAD = ["metakit.bench.worker", "transformers.models.bert.modeling_bert"]
 
 _OOM_MARKERS = ("out of memory", "can't allocate memory", "cannot allocate memory", "std::bad_alloc")
 # Under an address-space cap, oneDNN reports a failed workspace allocation only as this.
@@ -99,7 +99,7 @@ def run_in_child(config_json: str, record_path: str, log_path: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m benchmarks.worker CONFIG.json RECORD.json``."""
+    """``python -m metakit.bench.worker CONFIG.json RECORD.json``."""
     args = argv if argv is not None else sys.argv[1:]
     if len(args) != 2:
         print(__doc__, file=sys.stderr)

@@ -25,6 +25,8 @@ from typing import Any
 
 from datasets import Dataset, Features, Value
 
+from metakit.experiments.data.locate import development_folder, locate
+
 __all__ = [
     "DEFAULT_LEOPARD_DIR",
     "LEOPARD_EPISODES",
@@ -44,8 +46,8 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-#: ``../shared/data/leopard`` beside the repository root.
-DEFAULT_LEOPARD_DIR = str(Path(__file__).resolve().parents[2] / ".." / "shared" / "data" / "leopard")
+#: ``../shared/data/leopard`` beside the repository root: the last place :func:`locate` looks.
+DEFAULT_LEOPARD_DIR = str(development_folder("leopard"))
 LEOPARD_SHOTS = (4, 8, 16)
 LEOPARD_EPISODES = 10
 #: LEOPARD tasks whose test sets are missing or truncated in the only public copy.
@@ -120,12 +122,7 @@ def _task(name: str) -> LeopardTask:
 
 
 def _folder(data_dir: str | os.PathLike | None, task: LeopardTask) -> Path:
-    root = Path(data_dir if data_dir is not None else DEFAULT_LEOPARD_DIR)
-    if not root.is_dir():
-        raise FileNotFoundError(
-            f"LEOPARD data folder {str(root)!r} does not exist; pass data_dir= (or --data) pointing at the "
-            "folder that holds airline/, conll/, ... (../shared/data/leopard beside the repository)."
-        )
+    root = locate("leopard", data_dir, label="LEOPARD", expected="a folder that holds airline/, conll/, ...")
     folder = root / task.name
     if not folder.is_dir():
         present = sorted(p.name for p in root.iterdir() if p.is_dir())

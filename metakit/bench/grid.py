@@ -5,9 +5,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from benchmarks.config import Config
-from benchmarks.strategies import EXACT_REFERENCE, names
-from benchmarks.workloads import WORKLOADS
+from metakit.bench.config import Config
+from metakit.bench.strategies import EXACT_REFERENCE, names
+from metakit.bench.workloads import WORKLOADS
 
 __all__ = ["FULL", "QUICK", "GridEntry", "canonical_workload", "default_strategies", "expand"]
 

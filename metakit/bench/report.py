@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
-from benchmarks.strategies import strategy_label
+from metakit.bench.strategies import strategy_label
 
 __all__ = ["legend", "markdown_report", "markdown_table", "memory_column"]
 

@@ -2,7 +2,7 @@
 
 Read from local JSON files (``../shared/data/glue-meta/<TASK>/{train,dev}.json``, each an object mapping
 an id to ``{"text_a", "text_b" or null, "label"}``). Labels become strings (some files store ints), so
-every pool task has the same features as the LEOPARD tasks (:func:`metakit.tasks.leopard.text_features`).
+every pool task has the same features as the LEOPARD tasks (:func:`metakit.experiments.data.leopard.text_features`).
 
 Example:
     >>> pool = load_glue_meta_pool(split="train")  # doctest: +SKIP
@@ -14,16 +14,16 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from pathlib import Path
 
 from datasets import Dataset
 
-from metakit.tasks.leopard import read_json, text_features
+from metakit.experiments.data.leopard import read_json, text_features
+from metakit.experiments.data.locate import development_folder, locate
 
 __all__ = ["DEFAULT_GLUE_META_DIR", "GLUE_META_TASKS", "load_glue_meta", "load_glue_meta_pool"]
 
 #: ``../shared/data/glue-meta`` beside the repository root.
-DEFAULT_GLUE_META_DIR = str(Path(__file__).resolve().parents[2] / ".." / "shared" / "data" / "glue-meta")
+DEFAULT_GLUE_META_DIR = str(development_folder("glue-meta"))
 
 #: Task name → (training examples, whether it is a sentence-pair task), as in the data's README.
 GLUE_META_TASKS: dict[str, tuple[int, bool]] = {
@@ -53,12 +53,12 @@ def load_glue_meta(task: str, split: str = "train", data_dir: str | os.PathLike 
         raise ValueError(
             f"Unknown split {split!r} of the meta-training pool; expected one of {list(_SPLITS)}."
         )
-    root = Path(data_dir if data_dir is not None else DEFAULT_GLUE_META_DIR)
-    if not root.is_dir():
-        raise FileNotFoundError(
-            f"Meta-training data folder {str(root)!r} does not exist; pass data_dir= (or --pool-data) pointing "
-            "at the folder that holds CoLA/, MNLI/, ... (../shared/data/glue-meta beside the repository)."
-        )
+    root = locate(
+        "glue-meta",
+        data_dir,
+        label="Meta-training (GLUE-style pool)",
+        expected="a folder that holds CoLA/, MNLI/, ...",
+    )
     path = root / task / f"{split}.json"
     if not path.is_file():
         present = sorted(p.name for p in root.iterdir() if p.is_dir())

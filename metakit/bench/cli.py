@@ -19,9 +19,9 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.grid import FULL, QUICK, canonical_workload, expand
-from benchmarks.strategies import canonical_strategy, names
-from benchmarks.workloads import WORKLOADS
+from metakit.bench.grid import FULL, QUICK, canonical_workload, expand
+from metakit.bench.strategies import canonical_strategy, names
+from metakit.bench.workloads import WORKLOADS
 
 __all__ = ["add_arguments", "run"]
 
@@ -171,8 +171,8 @@ def _load_records(path: Path) -> tuple[list[dict], dict]:
 
 
 def _write_outputs(records: list[dict], environment: dict, out: Path) -> None:
-    from benchmarks.plots import write_plots
-    from benchmarks.report import markdown_report, markdown_table
+    from metakit.bench.plots import write_plots
+    from metakit.bench.report import markdown_report, markdown_table
 
     out.mkdir(parents=True, exist_ok=True)
     (out / "records.json").write_text(json.dumps({"environment": environment, "records": records}, indent=1))
@@ -184,8 +184,8 @@ def _write_outputs(records: list[dict], environment: dict, out: Path) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Run the grid, print the table, and write records, ``results.md`` and plots to ``--out``."""
-    from benchmarks.environment import describe_environment
-    from benchmarks.runner import run_configs
+    from metakit.bench.environment import describe_environment
+    from metakit.bench.runner import run_configs
 
     if args.from_records is not None:
         records, environment = _load_records(args.from_records)

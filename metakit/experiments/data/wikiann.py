@@ -20,6 +20,8 @@ from pathlib import Path
 
 from datasets import ClassLabel, Dataset, Features, Sequence, Value
 
+from metakit.experiments.data.locate import locate
+
 __all__ = [
     "WIKIANN_HUB_NAME",
     "WIKIANN_LABELS",
@@ -122,6 +124,14 @@ def subsample(dataset: Dataset, n: int | None, seed: int = 0) -> Dataset:
     return dataset.select(indices)
 
 
+def wikiann_files(lang: str) -> str:
+    """What a WikiAnn folder holds, for messages."""
+    return (
+        "a folder with files named '{train,dev,test}-{lang}.tsv' "
+        f"(e.g. 'train-{lang}.tsv', 'dev-{lang}.tsv', 'test-{lang}.tsv')"
+    )
+
+
 def load_wikiann(
     lang: str,
     split: str = "train",
@@ -135,19 +145,32 @@ def load_wikiann(
     Args:
         lang: language code (``"en"``, ``"hi"``, ...), the hub's config name.
         split: ``"train"``, ``"dev"`` (alias ``"validation"``) or ``"test"``.
-        data_dir: folder of ``{split}-{lang}.tsv`` files; ``None`` loads ``unimelb-nlp/wikiann`` from the hub.
+        data_dir: folder of ``{split}-{lang}.tsv`` files; ``None`` looks in ``$METAKIT_DATA/wikiann``,
+            then loads ``unimelb-nlp/wikiann`` from the hub, then the development folder
+            (:func:`~metakit.experiments.data.locate.locate`).
         max_sentences: keep a seeded random subset of this many sentences (``None``: all).
         seed: seed of that subset.
     """
     _check_split(split)
-    if data_dir is None:
+
+    def from_hub() -> Dataset:
         from datasets import load_dataset
 
         dataset = load_dataset(WIKIANN_HUB_NAME, lang, split=_HUB_SPLIT[split])
-        dataset = dataset.select_columns(["tokens", "ner_tags"]).cast(wikiann_features())
-    else:
-        path = wikiann_path(data_dir, lang, split)
-        rows = list(read_wikiann_tsv(path, lang))
+        return dataset.select_columns(["tokens", "ner_tags"]).cast(wikiann_features())
+
+    found = locate(
+        "wikiann",
+        data_dir,
+        hub=from_hub,
+        hub_name=WIKIANN_HUB_NAME,
+        label="WikiAnn",
+        expected=wikiann_files(lang),
+    )
+    if isinstance(found, Path):
+        rows = list(read_wikiann_tsv(wikiann_path(found, lang, split), lang))
         columns = {"tokens": [r["tokens"] for r in rows], "ner_tags": [r["ner_tags"] for r in rows]}
         dataset = Dataset.from_dict(columns, features=wikiann_features())
+    else:
+        dataset = found
     return subsample(dataset, max_sentences, seed)

@@ -17,12 +17,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from benchmarks.config import Config
-from benchmarks.memory import PeakRSS, SavedTensorCounter
-from benchmarks.outcome import meta_train_and_evaluate
-from benchmarks.reference import proximal_reference_gradient, reference_meta_step
-from benchmarks.strategies import build_learner, entry
-from benchmarks.workloads import WORKLOADS
+from metakit.bench.config import Config
+from metakit.bench.memory import PeakRSS, SavedTensorCounter
+from metakit.bench.outcome import meta_train_and_evaluate
+from metakit.bench.reference import proximal_reference_gradient, reference_meta_step
+from metakit.bench.strategies import build_learner, entry
+from metakit.bench.workloads import WORKLOADS
 
 __all__ = ["cosine_and_relative_error", "mean_diagnostics", "measure"]
 

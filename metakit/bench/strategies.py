@@ -5,7 +5,7 @@ sweep's, the command line's names, the plots' labels, markers and colours, the h
 the fidelity reference) is derived from :data:`STRATEGIES`. Adding a strategy is one new entry.
 
 Example:
-    >>> from benchmarks.strategies import entry
+    >>> from metakit.bench.strategies import entry
     >>> entry("second-order").label, entry("second-order").exact
     ('SecondOrder', True)
 """
@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torchopt
 
 import metakit as mk
-from benchmarks.workloads import BuiltWorkload
+from metakit.bench.workloads import BuiltWorkload
 
 __all__ = [
     "EXACT_REFERENCE",
@@ -48,7 +48,7 @@ class StrategyEntry:
             second-order one and its fidelity is measured against SecondOrder().
         first_order: the hand-written loop reproduces it with constant inner gradients (FOMAML).
         proximal: an implicit (iMAML) gradient; its fidelity reference is the exact gradient of the
-            proximal inner problem solved to convergence (:mod:`benchmarks.reference`), not MAML's.
+            proximal inner problem solved to convergence (:mod:`metakit.bench.reference`), not MAML's.
         core: measured on every workload (priming included) and up to the largest S: the exact
             modes and FirstOrder, whose memory against S is the point of the comparison.
         sweep: measured across model sizes (the size sweep).

@@ -7,7 +7,7 @@ import time
 import torch
 
 import metakit as mk
-from benchmarks.workloads import BuiltWorkload
+from metakit.bench.workloads import BuiltWorkload
 
 __all__ = ["evaluate", "meta_train_and_evaluate"]
 
