@@ -113,9 +113,14 @@ def test_sigterm_then_resume_gives_identical_results(reference, tmp_path):
     _, err = process.communicate(timeout=120)
     assert process.returncode == 143, err
     assert "interrupted after" in err and f"metakit fewshot run --out {out} --resume" in err
-    assert len(_units(out)) < 6
+    interrupted_units = len(_units(out))
+    assert interrupted_units < 6
     assert cli("run", "--out", str(out), "--resume") == 0
     assert _units(out) == _units(reference)
+    # The interrupted invocation counts in the report when it finished units.
+    calls = json.loads((out / "results.json").read_text(encoding="utf-8"))["invocations"]
+    assert len(calls) == (2 if interrupted_units else 1)
+    assert f"over {len(calls)} invocation(s)" in (out / "table.md").read_text(encoding="utf-8")
     for unit in _units(reference).values():
         relative = f"runs/{unit['setting']}/{unit['task']}-k{unit['k']}-ep{unit['episode']}.jsonl.gz"
         assert load_predictions(out / relative) == load_predictions(reference / relative)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -208,15 +209,79 @@ def run(args: argparse.Namespace) -> int:
         memory_limit_gib=args.memory_limit_gib if device == "cpu" else 0.0,
     )
     environment = describe_environment(device, args.threads)
-    count = f"{len(configs)} configuration{'s' if len(configs) != 1 else ''}"
-    print(f"metakit bench: {count} on {device}, each in a fresh process", file=sys.stderr)
-    args.out.mkdir(parents=True, exist_ok=True)
+    _prepare_out(args.out)
     checkpoint = args.out / "records.partial.jsonl"
-    checkpoint.write_text("")
-    records = run_configs(
-        configs, timeout_s=args.timeout, progress=not args.no_progress, checkpoint=checkpoint
-    )
+    kept = _measured(checkpoint, configs)
+    todo = [config for config in configs if _key(config) not in {_key_of(r) for r in kept}]
+    count = f"{len(todo)} configuration{'s' if len(todo) != 1 else ''}"
+    resumed = f" ({len(kept)} already measured in {checkpoint}, kept)" if kept else ""
+    print(f"metakit bench: {count} on {device}, each in a fresh process{resumed}", file=sys.stderr)
+    checkpoint.write_text("".join(json.dumps(record) + "\n" for record in kept))
+    previous = signal.signal(signal.SIGTERM, _terminated)
+    try:
+        new = run_configs(todo, timeout_s=args.timeout, progress=not args.no_progress, checkpoint=checkpoint)
+    except KeyboardInterrupt as interrupt:
+        done = len(_measured(checkpoint, configs))
+        print(
+            f"interrupted: {done} of {len(configs)} configurations are measured and kept in {checkpoint}; "
+            f"run the same command again (same --out) to measure the rest",
+            file=sys.stderr,
+        )
+        return 143 if isinstance(interrupt, _Terminated) else 130
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    by_key = {_key_of(record): record for record in [*kept, *new]}
+    records = [by_key[_key(config)] for config in configs]
     environment["load_average_at_end"] = list(os.getloadavg())
+    if kept:
+        environment["resumed_records"] = len(kept)
     _write_outputs(records, environment, args.out)
     checkpoint.unlink()
     return 0 if any(r["status"] == "ok" for r in records) else 1
+
+
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM, raised like Ctrl-C so that the same message and the kept records apply."""
+
+
+def _terminated(signum, frame) -> None:
+    raise _Terminated
+
+
+def _prepare_out(out: Path) -> None:
+    """Create ``--out``, or exit with one line saying why it cannot be used."""
+    if out.exists() and not out.is_dir():
+        raise SystemExit(f"metakit bench: error: --out {out} is a file, not a folder; choose another --out")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".write-test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as error:
+        raise SystemExit(
+            f"metakit bench: error: --out {out} cannot be written ({error.strerror or error}); choose another --out"
+        ) from None
+
+
+def _key(config) -> str:
+    return json.dumps(json.loads(config.to_json()), sort_keys=True)
+
+
+def _key_of(record: dict) -> str:
+    return json.dumps(record["config"], sort_keys=True)
+
+
+def _measured(checkpoint: Path, configs) -> list[dict]:
+    """The records an interrupted run of these configurations left in ``checkpoint`` (unreadable lines dropped)."""
+    if not checkpoint.is_file():
+        return []
+    wanted = {_key(config) for config in configs}
+    records = []
+    for line in checkpoint.read_text(errors="replace").splitlines():
+        try:
+            record = json.loads(line)
+            if isinstance(record, dict) and _key_of(record) in wanted:
+                records.append(record)
+        except (json.JSONDecodeError, KeyError, TypeError):
+            continue  # a line cut short by the interruption
+    return records

@@ -73,7 +73,12 @@ def _run_one(context, config: Config, scratch: Path, timeout_s: float) -> dict:
     record_path, log_path = scratch / f"{config.key}.json", scratch / f"{config.key}.log"
     process = context.Process(target=run_in_child, args=(config.to_json(), str(record_path), str(log_path)))
     process.start()
-    process.join(timeout_s)
+    try:
+        process.join(timeout_s)
+    except BaseException:  # Ctrl-C or SIGTERM: the worker goes with the run
+        process.kill()
+        process.join()
+        raise
     if process.is_alive():
         process.kill()
         process.join()

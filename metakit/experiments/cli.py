@@ -164,6 +164,12 @@ def run(args: argparse.Namespace) -> int:
             print("  keys:    " + ", ".join(f"{k}={json.dumps(v)}" for k, v in keys.items()) + "\n")
         print("Use one with `metakit ner run --preset NAME --out DIR`; override keys with --set KEY=VALUE.")
         return 0
+    if args.ner_command in ("verify", "table"):
+        from metakit.experiments.folder import wrong_experiment
+
+        if (other := wrong_experiment(args.out, "ner")) is not None:
+            print(f"error: {other}", file=sys.stderr)
+            return 2
     if args.ner_command == "verify":
         from metakit.experiments.commands import verify_command
         from metakit.experiments.verify import verify_folder

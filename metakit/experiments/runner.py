@@ -93,6 +93,7 @@ class Experiment:
                     differing=lambda saved: differing_keys(saved, config.to_dict()),
                     resume=resume,
                     empty={"units": [], "priming": {}, "elapsed_seconds": 0.0},
+                    experiment="ner",
                 )
             except Exception as caught:
                 if not self.ranks.launched:
@@ -231,19 +232,25 @@ class Experiment:
             unit="unit",
             disable=not self.ranks.main,
         )
-        with bar:
-            for seed in c.seeds:
-                for number in c.settings:
-                    langs = [lang for lang in c.targets if not self.done(number, lang, seed)]
-                    if not langs:
-                        continue
-                    setting = SETTINGS[number]
-                    self.activity = f"priming s{number} seed {seed} (it resumes from its last checkpoint)"
-                    primed, state = self._prime_or_skip(setting, seed)
-                    if not primed:
-                        bar.update(len(langs))
-                        continue
-                    self._units(setting, seed, langs, state, bar)
+        finished_before = len(self.results["units"])
+        try:
+            with bar:
+                for seed in c.seeds:
+                    for number in c.settings:
+                        langs = [lang for lang in c.targets if not self.done(number, lang, seed)]
+                        if not langs:
+                            continue
+                        setting = SETTINGS[number]
+                        self.activity = f"priming s{number} seed {seed} (it resumes from its last checkpoint)"
+                        primed, state = self._prime_or_skip(setting, seed)
+                        if not primed:
+                            bar.update(len(langs))
+                            continue
+                        self._units(setting, seed, langs, state, bar)
+        except BaseException:
+            # An interrupted invocation that finished units still counts (the report's wall time).
+            self._note_interrupted(began, len(self.results["units"]) - finished_before)
+            raise
         self.activity = "the final save"
         wall = time.perf_counter() - began
         invocation = {"wall_seconds": wall, "units": len(todo)}
@@ -254,6 +261,13 @@ class Experiment:
         if self.ranks.main:
             tqdm.write(f"Finished in {wall:.0f} s; table: {self.out / 'table.md'}")
         return self.results
+
+    def _note_interrupted(self, began: float, finished: int) -> None:
+        if not finished or not self.ranks.main:
+            return
+        invocation = {"wall_seconds": time.perf_counter() - began, "units": finished, "interrupted": True}
+        self.results.setdefault("invocations", []).append(invocation)
+        self._save()
 
     def _prime_or_skip(self, setting: Setting, seed: int) -> tuple[bool, dict | None]:
         """``(True, primed state or None)``, or ``(False, None)`` when priming failed in floating point.

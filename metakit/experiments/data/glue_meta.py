@@ -58,6 +58,7 @@ def load_glue_meta(task: str, split: str = "train", data_dir: str | os.PathLike 
         data_dir,
         label="Meta-training (GLUE-style pool)",
         expected="a folder that holds CoLA/, MNLI/, ...",
+        how="metakit fewshot: --set pool_dir=DIR; in code: data_dir=",
     )
     path = root / task / f"{split}.json"
     if not path.is_file():

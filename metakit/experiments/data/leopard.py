@@ -122,7 +122,13 @@ def _task(name: str) -> LeopardTask:
 
 
 def _folder(data_dir: str | os.PathLike | None, task: LeopardTask) -> Path:
-    root = locate("leopard", data_dir, label="LEOPARD", expected="a folder that holds airline/, conll/, ...")
+    root = locate(
+        "leopard",
+        data_dir,
+        label="LEOPARD",
+        expected="a folder that holds airline/, conll/, ...",
+        how="metakit fewshot: --set leopard_dir=DIR; in code: data_dir=",
+    )
     folder = root / task.name
     if not folder.is_dir():
         present = sorted(p.name for p in root.iterdir() if p.is_dir())

@@ -45,6 +45,7 @@ def locate(
     hub_name: str | None = None,
     label: str | None = None,
     expected: str = "",
+    how: str = "data_dir=",
 ) -> Path | Any:
     """The folder of data set ``name``, or what ``hub()`` loaded.
 
@@ -57,6 +58,7 @@ def locate(
         hub_name: the hub's name of the data set, for the message.
         label: the data set's name in messages (default ``name``).
         expected: what the folder holds, for the messages.
+        how: how a user passes the folder (a flag, a config key), for the messages.
     """
     label = label or name
     expected = f" Expected {expected}." if expected else ""
@@ -88,7 +90,7 @@ def locate(
         return development
     tried.append(f"the development folder {development}")
     raise DataNotFoundError(
-        f"{label} data was not found; tried: {'; '.join(tried)}. Pass its folder (a flag or data_dir=) or set "
+        f"{label} data was not found; tried: {'; '.join(tried)}. Pass its folder ({how}) or set "
         f"{DATA_ENV} to a folder holding {name}/.{expected}"
     )
 

@@ -166,6 +166,7 @@ def load_wikiann(
         hub_name=WIKIANN_HUB_NAME,
         label="WikiAnn",
         expected=wikiann_files(lang),
+        how="metakit ner: --data DIR; in code: data_dir=",
     )
     if isinstance(found, Path):
         rows = list(read_wikiann_tsv(wikiann_path(found, lang, split), lang))

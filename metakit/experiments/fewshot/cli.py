@@ -124,8 +124,15 @@ def run(args: argparse.Namespace) -> int:
             "Use one with `metakit fewshot run --preset NAME --out DIR`; override keys with --set KEY=VALUE."
         )
         return 0
+    from metakit.experiments.folder import wrong_experiment
     from metakit.experiments.report import ResultsFileError, read_results
 
+    folders = args.sources if args.fewshot_command == "merge" else [args.out]
+    if args.fewshot_command in ("verify", "table", "merge"):
+        for folder in folders:
+            if (other := wrong_experiment(folder, "fewshot")) is not None:
+                print(f"error: {other}", file=sys.stderr)
+                return 2
     if args.fewshot_command == "verify":
         from metakit.experiments.fewshot.verify import verify_fewshot_folder
 

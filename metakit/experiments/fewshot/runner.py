@@ -74,6 +74,7 @@ class FewShotExperiment:
             differing=lambda saved: fewshot_differing_keys(saved, config.to_dict()),
             resume=resume,
             empty={"units": [], "meta": {}, "skipped": [], "elapsed_seconds": 0.0},
+            experiment="fewshot",
         )
 
     def close(self) -> None:
@@ -126,6 +127,7 @@ class FewShotExperiment:
         done = {self._key(u) for u in self.results["units"]}
         todo = [u for u in units if u not in done]
         writers: dict[str, SummaryWriter] = {}
+        finished_before = len(self.results["units"])
         try:
             with tqdm(total=len(units), initial=len(units) - len(todo), desc="units", unit="unit") as bar:
                 for setting, task, k, episode in todo:
@@ -136,6 +138,16 @@ class FewShotExperiment:
                     result = run_unit(c, setting, task, k, episode, resources=resources)
                     self._record(result, resources, writers)
                     bar.update(1)
+        except BaseException:
+            # An interrupted invocation that finished units still counts (the report's wall time).
+            finished = len(self.results["units"]) - finished_before
+            if finished:
+                wall = time.perf_counter() - began
+                self.results.setdefault("invocations", []).append(
+                    {"wall_seconds": wall, "units": finished, "interrupted": True}
+                )
+                self._save()
+            raise
         finally:
             for writer in writers.values():
                 writer.close()
