@@ -32,7 +32,9 @@ class MetaStepResult:
         inner_losses: support loss before each inner step and after the last, ``[n_tasks, steps + 1]``.
             The last column costs one more forward per task, so it is computed only when asked
             (``meta_step(..., final_support_loss=True)``) or when a logger is attached; otherwise NaN.
-        query_losses: each task's query loss, ``[n_tasks]``.
+        query_losses: each task's query loss after adaptation, ``[n_tasks]``.
+        query_losses_before: each task's query loss before the inner loop, ``[n_tasks]``, when measured
+            (``meta_step(..., query_loss_before=True)``, or a logger is attached), else ``None``.
         grad_norms: L2 norm of the meta-gradient per group: ``"shared"`` (inner ∩ outer),
             ``"outer_only"``, ``"inner_lr"`` (MetaSGD scales), and ``"total"``.
         diagnostics: per-task measurements a strategy reports, by name, each ``[n_tasks]``
@@ -44,6 +46,14 @@ class MetaStepResult:
     query_losses: torch.Tensor
     grad_norms: dict[str, float] = field(default_factory=dict)
     diagnostics: dict[str, torch.Tensor] = field(default_factory=dict)
+    query_losses_before: torch.Tensor | None = None
+
+    @property
+    def adaptation_gain(self) -> float | None:
+        """Mean over tasks of the query loss before adaptation minus after: what the inner loop bought."""
+        if self.query_losses_before is None:
+            return None
+        return float((self.query_losses_before - self.query_losses).mean())
 
 
 class MetaLearner:
@@ -183,7 +193,12 @@ class MetaLearner:
         self.lr_scales.load_state_dict(state["lr_scales"])
 
     def meta_step(
-        self, tasks: Sequence[Task], logger: Any = None, *, final_support_loss: bool | None = None
+        self,
+        tasks: Sequence[Task],
+        logger: Any = None,
+        *,
+        final_support_loss: bool | None = None,
+        query_loss_before: bool | None = None,
     ) -> MetaStepResult:
         """Adapt to each task, then accumulate the mean meta-gradient into the outer ``.grad``.
 
@@ -192,15 +207,19 @@ class MetaLearner:
             logger: overrides the learner's logger for this step.
             final_support_loss: also record each task's support loss after the last inner step
                 (``inner_losses[:, -1]``; one more forward per task). Default: when a logger is attached.
+            query_loss_before: also measure each task's query loss before the inner loop
+                (``result.query_losses_before``, ``result.adaptation_gain``; one more forward per task,
+                without a graph). Default: when a logger is attached.
         """
         tasks = self._check_tasks(tasks)
         logger = logger if logger is not None else self.logger
         trace_final = final_support_loss if final_support_loss is not None else logger is not None
+        before = query_loss_before if query_loss_before is not None else logger is not None
         params = dict(self.model.named_parameters())
         partition = self._partition(params)
         lr_scales = {self._lr_names[k]: v for k, v in self.lr_scales.items()} or None
         problems = [
-            self._problem(task, index, partition, lr_scales, trace_final=trace_final)
+            self._problem(task, index, partition, lr_scales, trace_final=trace_final, measure_before=before)
             for index, task in enumerate(tasks)
         ]
         batch = self.executor.run(self.strategy, problems)
@@ -213,12 +232,14 @@ class MetaLearner:
             with torch.no_grad():
                 for name in self.inner_only_names:
                     params[name].copy_(batch.first_adapted[name])
+        diagnostics = dict(batch.diagnostics)
         result = MetaStepResult(
             loss=batch.query_losses.mean(),
             inner_losses=batch.inner_losses,
             query_losses=batch.query_losses,
             grad_norms=self._grad_norms(grads, lr_grads),
-            diagnostics=batch.diagnostics,
+            diagnostics=diagnostics,
+            query_losses_before=diagnostics.pop("query_loss_before", None),
         )
         if logger is not None:
             logger.log_meta_step(self.step, result, self)
@@ -250,7 +271,14 @@ class MetaLearner:
         )
 
     def _problem(
-        self, task: Task, index: int, partition: Partition, lr_scales, *, trace_final: bool = True
+        self,
+        task: Task,
+        index: int,
+        partition: Partition,
+        lr_scales,
+        *,
+        trace_final: bool = True,
+        measure_before: bool = False,
     ) -> TaskProblem:
         return TaskProblem(
             model=self.model,
@@ -263,6 +291,7 @@ class MetaLearner:
             cut=self.cut,
             trace_final=trace_final,
             precision=self.precision,
+            measure_before=measure_before,
         )
 
     def _check_tasks(self, tasks: Sequence[Task]) -> list[Task]:

@@ -22,7 +22,9 @@ class TensorBoardLogger:
         ``inner_loss/step_{s}``: mean support loss over the tasks before inner step ``s`` (the last
         is after the final step); the custom-scalars tab shows them as one multi-line chart.
         ``inner_loss_task_{t}/step_{s}``: the same per task, if ``per_task``.
-        ``meta/query_loss``, ``grad_norm/{group}``, ``inner_lr_scale/{param}`` (MetaSGD, mean scale).
+        ``meta/query_loss`` (after adaptation), ``adaptation/query_loss_before`` and
+        ``adaptation/gain`` (before minus after: what the inner loop bought), ``grad_norm/{group}``
+        (``total`` only when there is more than one group), ``inner_lr_scale/{param}`` (MetaSGD, mean scale).
         ``diagnostics/{name}/mean`` and ``.../max``: over the tasks, for every entry of the result's
         ``diagnostics`` (per-task tensors a strategy reports, e.g. ``Implicit``'s ``cg_residual``).
     Every ``curve_every`` meta-steps it also adds a figure of the inner-loss curve against the inner
@@ -53,22 +55,33 @@ class TensorBoardLogger:
         self.per_task, self.curve_every = per_task, curve_every
         self.hparams = dict(hparams or {})
         self._last: dict[str, float] = {}
-        self.writer.add_custom_scalars(
-            {
-                "inner loop": {
-                    "support loss by inner step (mean over tasks)": ["Multiline", [r"inner_loss/step_\d+"]],
-                    "support loss by inner step, per task": ["Multiline", [r"inner_loss_task_\d+/step_\d+"]],
-                },
-                "outer loop": {
-                    "query loss": ["Multiline", ["meta/query_loss"]],
-                    "meta-gradient norm by group": ["Multiline", [r"grad_norm/.*"]],
-                    "strategy diagnostics (mean and max over tasks)": ["Multiline", [r"diagnostics/.*"]],
-                },
+        self._layout_written = False
+
+    def _write_layout(self, result: MetaStepResult) -> None:
+        """The custom-scalars layout, from what the first meta-step has: no panel that stays empty."""
+        inner = {"support loss by inner step (mean over tasks)": ["Multiline", [r"inner_loss/step_\d+"]]}
+        if self.per_task:
+            inner["support loss by inner step, per task"] = ["Multiline", [r"inner_loss_task_\d+/step_\d+"]]
+        layout = {"inner loop": inner}
+        if result.query_losses_before is not None:
+            layout["adaptation"] = {
+                "query loss before (adaptation/query_loss_before) and after (meta/query_loss) the inner loop": [
+                    "Multiline",
+                    ["adaptation/query_loss_before", "meta/query_loss"],
+                ],
+                "adaptation gain: query loss before minus after": ["Multiline", ["adaptation/gain"]],
             }
-        )
+        outer = {"meta-gradient norm by group": ["Multiline", [r"grad_norm/.*"]]}
+        if _diagnostics(result):
+            outer["strategy diagnostics (mean and max over tasks)"] = ["Multiline", [r"diagnostics/.*"]]
+        layout["outer loop"] = outer
+        self.writer.add_custom_scalars(layout)
+        self._layout_written = True
 
     def log_meta_step(self, step: int, result: MetaStepResult, learner: MetaLearner | None = None) -> None:
         """Record one :class:`~metakit.MetaStepResult` at global step ``step``."""
+        if not self._layout_written:
+            self._write_layout(result)
         curve = result.inner_losses.float().mean(0)
         for inner_step, value in enumerate(curve.tolist()):
             self.writer.add_scalar(f"inner_loss/step_{inner_step}", value, step)
@@ -78,7 +91,14 @@ class TensorBoardLogger:
                     self.writer.add_scalar(f"inner_loss_task_{task}/step_{inner_step}", value, step)
         query_loss = float(result.loss)
         self.writer.add_scalar("meta/query_loss", query_loss, step)
-        for group, norm in result.grad_norms.items():
+        if result.query_losses_before is not None:
+            before = float(result.query_losses_before.float().mean())
+            self.writer.add_scalar("adaptation/query_loss_before", before, step)
+            self.writer.add_scalar("adaptation/gain", before - query_loss, step)
+        groups = {group: norm for group, norm in result.grad_norms.items() if group != "total"}
+        if len(groups) > 1 or "total" not in result.grad_norms:  # one group: the total is the same line
+            groups = dict(result.grad_norms)
+        for group, norm in groups.items():
             self.writer.add_scalar(f"grad_norm/{group}", norm, step)
         for name, values in _diagnostics(result).items():
             self.writer.add_scalar(f"diagnostics/{name}/mean", float(values.mean()), step)
@@ -89,6 +109,8 @@ class TensorBoardLogger:
         if self.curve_every and step % self.curve_every == 0:
             self.writer.add_figure("inner_loss/curve", _curve_figure(result.inner_losses, step), step)
         self._last = {"query_loss": query_loss, "inner_loss_after": float(curve[-1])}
+        if result.query_losses_before is not None:
+            self._last["adaptation_gain"] = float(result.query_losses_before.float().mean()) - query_loss
 
     def add_scalar(self, tag: str, value: float, step: int) -> None:
         """Log any other scalar (e.g. an evaluation metric) to the same run."""

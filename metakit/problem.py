@@ -77,6 +77,7 @@ class TaskProblem:
         functional: the problem runs inside ``torch.func`` transforms (the ``Vmap`` executor):
             gradients are ``torch.func.grad``, buffers are throw-away per-task copies.
         batched_like: under ``vmap``, a zero of the task's batch (per-task copies of state and buffers).
+        measure_before: also measure the query loss before the inner loop (:meth:`measured`).
     """
 
     model: nn.Module
@@ -91,6 +92,7 @@ class TaskProblem:
     precision: str = "fp32"
     functional: bool = False
     batched_like: torch.Tensor | None = None
+    measure_before: bool = False
 
     @property
     def start(self) -> Params:
@@ -215,6 +217,27 @@ class TaskProblem:
             adapted, live, adapting=False, replay=self.functional, where=f"query loss of task {self.index}"
         )
 
+    def query_loss_before(self) -> torch.Tensor:
+        """The query loss at the start values, before the inner loop: no graph, throw-away buffers, and
+        no random numbers drawn from the caller's stream (so measuring it changes nothing else)."""
+        devices = sorted({v.device.index or 0 for v in self.start.values() if v.device.type == "cuda"})
+        with torch.no_grad(), _forked_rng(devices, enabled=not self.functional):
+            step, live = self.inner_step(differentiable=False, batch=self.task.query)
+            loss = step.loss(
+                detached(self.start),
+                detached(live),
+                adapting=False,
+                replay=True,
+                where="query loss before adaptation",
+            )
+        return loss.detach()
+
+    def measured(self, outcome: TaskGradient) -> TaskGradient:
+        """``outcome`` with the measurements the learner asked for (``query_loss_before``) in its diagnostics."""
+        if self.measure_before:
+            outcome.diagnostics = {**outcome.diagnostics, "query_loss_before": self.query_loss_before()}
+        return outcome
+
     def meta_gradient(self, meta_loss) -> TaskGradient:
         """The gradient of ``meta_loss(problem) -> (query loss, adapted, trace)`` with respect to the
         outer parameters and the MetaSGD scales: by ``autograd``, or by ``torch.func.grad`` when the
@@ -255,6 +278,12 @@ class TaskProblem:
             frozen=self.partition.frozen,
         )
         return dataclasses.replace(self, partition=partition, lr_scales=dict(scales) or None)
+
+
+def _forked_rng(devices: list[int], *, enabled: bool):
+    import contextlib
+
+    return torch.random.fork_rng(devices=devices) if enabled else contextlib.nullcontext()
 
 
 @dataclass

@@ -114,3 +114,40 @@ def test_inner_curve_figure_labels_inner_steps_as_integers(steps):
     if steps <= 10:
         assert ticks == list(range(steps + 1))  # every step gets its own tick
     matplotlib.pyplot.close(fig)
+
+
+def test_every_meta_learner_shows_the_query_loss_before_and_after_and_the_gain(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    torch.manual_seed(0)
+    model = sine_mlp(hidden=16)
+    learner = mk.MetaLearner(
+        model,
+        mse_loss,
+        inner=mk.InnerLoop(mk.everything(), torchopt.sgd(lr=0.05), steps=3),
+        outer_params=mk.everything(),
+        strategy=mk.SecondOrder(),
+    )
+    tasks = SineTasks(seed=0).sample(4)
+    plain = learner.meta_step(tasks)
+    assert plain.query_losses_before is None and plain.adaptation_gain is None
+    model.zero_grad()
+    result = learner.meta_step(tasks, query_loss_before=True)
+    assert result.query_losses_before.shape == (4,)
+    with torch.no_grad():  # the query loss at the start values, computed by hand
+        by_hand = torch.stack([mse_loss(mk.bind(model, {}), task.query) for task in tasks])
+    torch.testing.assert_close(result.query_losses_before, by_hand)
+    gain = float((by_hand - result.query_losses).mean())
+    assert abs(result.adaptation_gain - gain) < 1e-6
+    torch.testing.assert_close(result.query_losses, plain.query_losses)  # measuring changes nothing
+
+    with TensorBoardLogger(tmp_path / "run") as logger:
+        learner.meta_step(tasks, logger)
+    events = EventAccumulator(str(tmp_path / "run")).Reload()
+    tags = set(events.Tags()["scalars"])
+    assert {"adaptation/query_loss_before", "adaptation/gain", "meta/query_loss"} <= tags
+    assert "grad_norm/shared" in tags and "grad_norm/total" not in tags  # one group: no duplicate line
+    (before,), (gain,), (after,) = (
+        events.Scalars(t) for t in ("adaptation/query_loss_before", "adaptation/gain", "meta/query_loss")
+    )
+    assert abs(before.value - after.value - gain.value) < 1e-5

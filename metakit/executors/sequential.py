@@ -24,7 +24,7 @@ class Sequential(Executor):
         total_lr: dict[str, torch.Tensor] = {}
         outcomes: list[TaskGradient] = []
         for problem in problems:
-            outcome = self.task_gradient(strategy, problem)
+            outcome = problem.measured(self.task_gradient(strategy, problem))
             accumulate(total, outcome.grads)
             accumulate(total_lr, outcome.lr_grads)
             outcome.grads = outcome.lr_grads = {}

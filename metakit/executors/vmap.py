@@ -90,7 +90,7 @@ class Vmap(Executor):
                 functional=True,
                 batched_like=_zero_of(support),
             )
-            outcome = strategy.task_gradient(problem)
+            outcome = problem.measured(strategy.task_gradient(problem))
             return (
                 outcome.grads,
                 outcome.lr_grads,
