@@ -1,7 +1,7 @@
 """metakit: higher-order-gradient meta-learning for PyTorch.
 
-Compose a meta-learner from a model, a loss, an :class:`InnerLoop`, the outer parameters (a
-:class:`Spec`) and a :class:`Strategy`; ``docs/architecture.md`` describes the architecture. The core
+Compose a meta-learner from a model, a loss, an `InnerLoop`, the outer parameters (a
+`Spec`) and a `Strategy`; ``docs/architecture.md`` describes the architecture. The core
 needs torch and torchopt only; ``metakit.peft`` (Hugging Face models), ``metakit.logging``
 (TensorBoard), ``metakit.experiments`` and ``metakit.bench`` come with extras
 (``pip install 'metakit[hf]'``, ``[tensorboard]``, ``[experiments]``, ``[bench]``).

@@ -2,7 +2,7 @@
 
 A module's forward in training mode updates its BatchNorm running statistics in place, and
 ``functional_call`` runs it on the module's own buffers, so by default every inner step moves them
-(``num_batches_tracked`` counts every support forward). :class:`~metakit.InnerLoop` takes a policy:
+(``num_batches_tracked`` counts every support forward). `InnerLoop` takes a policy:
 
 - ``"update"`` (default): as today: the inner loop's forwards use batch statistics and update the
   module's running statistics in place.

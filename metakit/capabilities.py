@@ -1,9 +1,9 @@
 """Capabilities, declared once: what each strategy and executor needs and supports.
 
-Every strategy and executor has a ``capabilities`` attribute, a :class:`Capabilities`. The learner
-refuses a combination of parts through :func:`check_composition`, :func:`metakit.check` reports the
+Every strategy and executor has a ``capabilities`` attribute, a `Capabilities`. The learner
+refuses a combination of parts through `check_composition`, `metakit.check` reports the
 same findings, and the compatibility table in ``docs/strategies.md`` is generated from them
-(:mod:`metakit.compatibility`); no class asks another's type.
+(`metakit.compatibility`); no class asks another's type.
 """
 
 from __future__ import annotations
@@ -155,7 +155,7 @@ def composition_problems(
 
 
 def check_composition(strategy: Any, executor: Any, **settings: Any) -> None:
-    """Raise :class:`CompositionError` naming each part of the combination that cannot be exact."""
+    """Raise `CompositionError` naming each part of the combination that cannot be exact."""
     problems = composition_problems(strategy, executor, **settings)
     if problems:
         details = "; ".join(f"{asked}. Instead: {instead}" for asked, instead in problems)

@@ -114,7 +114,7 @@ TABLE_END = "<!-- end -->"
 
 
 def write_table(path: str) -> None:
-    """Replace the generated block of ``path`` (between the markers) with :func:`documented_table`."""
+    """Replace the generated block of ``path`` (between the markers) with `documented_table`."""
     with open(path, encoding="utf-8") as handle:
         text = handle.read()
     start, end = text.index(TABLE_START) + len(TABLE_START), text.index(TABLE_END)

@@ -1,6 +1,6 @@
 """Optional dependencies: the core needs torch and torchopt only; the rest comes with an extra.
 
-:func:`require` imports a package that an extra provides, or raises :class:`MissingExtraError` with
+`require` imports a package that an extra provides, or raises `MissingExtraError` with
 one line naming the ``pip install`` that brings it.
 """
 

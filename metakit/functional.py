@@ -2,7 +2,7 @@
 
 Everything in metakit handles parameters as a flat ``dict[str, Tensor]`` keyed by
 ``model.named_parameters()`` names and runs the module through
-:func:`torch.func.functional_call`; the module itself is never mutated or copied.
+`torch.func.functional_call`; the module itself is never mutated or copied.
 """
 
 from __future__ import annotations

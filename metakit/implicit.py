@@ -1,6 +1,6 @@
 """iMAML: the implicit meta-gradient of a proximally regularised inner problem, and how well it holds.
 
-The implicit gradient is exact only where the inner problem is solved, so :class:`Implicit` measures
+The implicit gradient is exact only where the inner problem is solved, so `Implicit` measures
 per task how far it is from that: the relative optimality residual
 ``‖∇L_support(φ) + λ(φ − θ)‖ / ‖∇L_support(θ)‖`` and the conjugate-gradient residual
 ``‖(I + H/λ) v − b‖ / ‖b‖``. Both land in ``MetaStepResult.diagnostics`` (and TensorBoard); past
@@ -30,7 +30,7 @@ class ImplicitResidualWarning(UserWarning):
 
 
 class ImplicitResidualError(RuntimeError):
-    """Raised instead of :class:`ImplicitResidualWarning` under ``Implicit(strict=True)``."""
+    """Raised instead of `ImplicitResidualWarning` under ``Implicit(strict=True)``."""
 
 
 class Implicit(Strategy):
@@ -50,7 +50,7 @@ class Implicit(Strategy):
         max_inner_steps: keep taking inner steps past ``InnerLoop.steps``, up to this many in all,
             until the optimality residual is at most ``residual_tol`` (``None``: exactly
             ``InnerLoop.steps``).
-        strict: raise :class:`ImplicitResidualError` instead of warning once.
+        strict: raise `ImplicitResidualError` instead of warning once.
 
     Example:
         >>> strategy = mk.Implicit(lam=2.0, max_inner_steps=200, residual_tol=1e-2)  # solve to 1 %
@@ -147,7 +147,7 @@ class Implicit(Strategy):
         )
 
     def _solve_inner(self, problem: TaskProblem, step: InnerStep, start: dict, live: dict) -> dict:
-        """Minimise the proximal objective from ``start`` through the one loop, until :class:`_Solved`."""
+        """Minimise the proximal objective from ``start`` through the one loop, until `_Solved`."""
         steps = problem.inner.steps
         stop = _Solved(steps, max(steps, self.max_inner_steps or steps), self.residual_tol)
         params = fresh_leaves(start)

@@ -2,13 +2,13 @@
 
 The surface is per step, so that a strategy can drive, wrap or recompute steps:
 
-- :meth:`InnerLoop.init` makes the optimizer state for the inner parameters;
-- :meth:`InnerLoop.step` is one update: the support loss, its gradient, the optimizer's update;
-- :meth:`InnerLoop.adapt` is the whole loop, ``steps`` updates, with a trace of the support loss.
+- `InnerLoop.init` makes the optimizer state for the inner parameters;
+- `InnerLoop.step` is one update: the support loss, its gradient, the optimizer's update;
+- `InnerLoop.adapt` is the whole loop, ``steps`` updates, with a trace of the support loss.
 
 Every step evaluates an *objective*, ``objective(params, batch) -> scalar``, over one flat dict that
 holds the inner parameters and the context (the other parameters the forward needs);
-:func:`model_objective` makes one from a module and a ``loss_fn(forward, batch)``.
+`model_objective` makes one from a module and a ``loss_fn(forward, batch)``.
 """
 
 from __future__ import annotations
@@ -62,7 +62,7 @@ def model_objective(
     Args:
         model: the module the parameter names refer to.
         loss_fn: ``loss_fn(forward, batch) -> scalar``.
-        buffers: what the forwards do to the module's buffers (:mod:`metakit.buffers`): ``"update"``,
+        buffers: what the forwards do to the module's buffers (`metakit.buffers`): ``"update"``,
             ``"task"`` (one copy per objective, i.e. per task) or ``"frozen"``.
         adapting: the objective of the inner loop (``"frozen"`` applies to it only).
 
@@ -107,7 +107,7 @@ class Adaptation:
     state: Any = None
 
 
-#: Deprecated alias of :class:`Adaptation` (the name before the per-step inner loop).
+#: Deprecated alias of `Adaptation` (the name before the per-step inner loop).
 AdaptedParams = Adaptation
 
 
@@ -115,7 +115,7 @@ class InnerLoop:
     """``steps`` updates of the parameters selected by ``params`` on a task's support batch.
 
     Args:
-        params: the :class:`~metakit.Spec` of parameters that adapt per task.
+        params: the `Spec` of parameters that adapt per task.
         optimizer: a TorchOpt functional optimizer (``torchopt.sgd(lr=0.03)``, ``torchopt.adam(...)``),
             applied with ``inplace=False`` so each step is a new, differentiable tensor.
         steps: number of inner updates (≥ 1).
@@ -123,7 +123,7 @@ class InnerLoop:
             the effective rate starts at the optimizer's), as outer parameters of the learner.
         buffers: what the inner loop's forwards do to BatchNorm statistics and other buffers:
             ``"update"`` them in place (default), keep a copy per ``"task"``, or use the running
-            statistics, ``"frozen"`` (:mod:`metakit.buffers`).
+            statistics, ``"frozen"`` (`metakit.buffers`).
 
     Example:
         >>> inner = mk.InnerLoop(params=mk.select("head.*"), optimizer=torchopt.sgd(lr=0.03), steps=5)
@@ -241,16 +241,16 @@ class InnerLoop:
 
         Args:
             params: the inner parameters, by name; they must require grad.
-            state: the optimizer state (from :meth:`init` or the previous step).
+            state: the optimizer state (from `init` or the previous step).
             batch: the support batch.
             context: the other parameters the forward needs.
             create_graph: keep the graph of the gradient, so the step can be differentiated
                 (second order); otherwise the inner gradient is a constant.
-            objective: ``objective({**context, **params}, batch) -> scalar`` (:func:`model_objective`).
+            objective: ``objective({**context, **params}, batch) -> scalar`` (`model_objective`).
             lr_scales: MetaSGD scales, one tensor per inner parameter.
             regularizer: a term added to the differentiated loss (iMAML's proximal term), not to
                 the returned loss.
-            loss_scale: float16 loss scaling of the gradient (:func:`metakit.precision.scaled_grad`).
+            loss_scale: float16 loss scaling of the gradient (`metakit.precision.scaled_grad`).
 
         Returns:
             The updated parameters, the new state and the loss before the update (not detached).
@@ -278,14 +278,14 @@ class InnerLoop:
         """Adapt ``params`` on ``batch`` for ``steps`` steps; the last ``differentiable_steps`` keep their graph.
 
         The steps before the differentiated segment see a detached context and count as identity
-        for ``params`` (:func:`metakit.step.unroll`, the loop every strategy runs).
+        for ``params`` (`metakit.step.unroll`, the loop every strategy runs).
 
         Args:
             params: initial values of the inner parameters (the learner's current values).
             batch: the support batch.
             context: the other parameters the forward needs; those that require grad are live (the
                 meta-gradient flows into them through the differentiated steps).
-            objective: ``objective(params, batch) -> scalar`` (:func:`model_objective`).
+            objective: ``objective(params, batch) -> scalar`` (`model_objective`).
             differentiable_steps: how many of the last steps are differentiated (0: first order).
             lr_scales: MetaSGD scales, one tensor per inner parameter, or ``None``.
             regularizer: added to the differentiated loss, not to the trace.

@@ -1,11 +1,11 @@
 """Exact meta-gradients whose memory hardly grows with the number of inner steps.
 
-Two runners (:mod:`metakit.step`) of the differentiated inner steps of :class:`~metakit.SecondOrder`
+Two runners (`metakit.step`) of the differentiated inner steps of `SecondOrder`
 that do not keep every step's activations until the outer backward pass. Both run the task's one
-:class:`~metakit.step.InnerStep`; a recomputation runs it again through the one loop
-(:func:`~metakit.step.run_steps`), on throw-away buffers:
+`InnerStep`; a recomputation runs it again through the one loop
+(`run_steps`), on throw-away buffers:
 
-- :class:`ForwardOverReverse` (``SecondOrder(hvp="forward")``, MixFlow-MG, Kemaev et al.
+- `ForwardOverReverse` (``SecondOrder(hvp="forward")``, MixFlow-MG, Kemaev et al.
   2025). Each inner step is one custom autograd op. Its forward computes the update with a plain,
   first-order gradient and keeps only the step's inputs (inner parameters, optimizer state) and
   that gradient. Its backward pulls the adjoint through the optimizer's update by reverse mode
@@ -14,7 +14,7 @@ that do not keep every step's activations until the outer backward pass. Both ru
   one forward-over-reverse pass, ``torch.func.jvp`` of ``torch.func.grad`` of the support loss
   along ``v``. Memory: S × (inner parameters + optimizer state + gradient) plus one step's
   activations.
-- :class:`Recomputed` (``SecondOrder(checkpoint=k)``): the usual reverse-over-reverse
+- `Recomputed` (``SecondOrder(checkpoint=k)``): the usual reverse-over-reverse
   graph, recomputed in segments of ``k`` steps during the backward pass, each segment freed once its
   adjoints are through. Memory grows like S/k segment boundaries plus one segment's k steps.
 
@@ -48,7 +48,7 @@ _NO_FORWARD_RULE = re.compile(r"forward AD with (\S+?)(?: that does not support 
 
 
 def forward_mode_error(error: BaseException) -> ForwardModeError | None:
-    """A :class:`ForwardModeError` naming the operation, if ``error`` is PyTorch's missing-rule error."""
+    """A `ForwardModeError` naming the operation, if ``error`` is PyTorch's missing-rule error."""
     text = str(error)
     if "ZeroTensors are immutable" in text:
         return ForwardModeError(

@@ -38,7 +38,7 @@ class MetaStepResult:
         grad_norms: L2 norm of the meta-gradient per group: ``"shared"`` (inner ∩ outer),
             ``"outer_only"``, ``"inner_lr"`` (MetaSGD scales), and ``"total"``.
         diagnostics: per-task measurements a strategy reports, by name, each ``[n_tasks]``
-            (:class:`Implicit`: ``"optimality_residual"``, ``"cg_residual"``, ``"inner_steps"``).
+            (`Implicit`: ``"optimality_residual"``, ``"cg_residual"``, ``"inner_steps"``).
     """
 
     loss: torch.Tensor
@@ -62,22 +62,22 @@ class MetaLearner:
     Args:
         model: the module; never mutated inside the inner loop.
         loss_fn: ``loss_fn(forward, batch) -> scalar``; ``None`` if every task carries its own.
-        inner: the :class:`InnerLoop` (which parameters adapt, with what optimizer, how many steps).
-        outer_params: the :class:`Spec` of meta-learned parameters (those whose ``.grad`` is filled).
-        strategy: how the meta-gradient flows (:class:`SecondOrder`, :class:`FirstOrder`, ...).
+        inner: the `InnerLoop` (which parameters adapt, with what optimizer, how many steps).
+        outer_params: the `Spec` of meta-learned parameters (those whose ``.grad`` is filled).
+        strategy: how the meta-gradient flows (`SecondOrder`, `FirstOrder`, ...).
         inner_only: after a meta-step, what the parameters in ``inner - outer`` hold: ``"keep"`` their
             value, or ``"first_task"`` the first task's adapted value (Algorithm 1's task head).
         logger: optional logger with ``log_meta_step(step, result, learner)`` (e.g.
-            :class:`metakit.logging.TensorBoardLogger`).
-        executor: where the tasks of a meta-batch run: :class:`~metakit.executors.Sequential`
-            (default), :class:`~metakit.executors.Vmap`, or ``Distributed``.
-        cut: feature reuse: a :class:`~metakit.reuse.Cut` below which the inner loop changes
+            `metakit.logging.TensorBoardLogger`).
+        executor: where the tasks of a meta-batch run: `Sequential`
+            (default), `Vmap`, or ``Distributed``.
+        cut: feature reuse: a `Cut` below which the inner loop changes
             nothing, so that part runs once per batch; ``"auto"`` finds it for the Hugging Face
-            layouts metakit knows (:func:`metakit.peft.feature_cut`); ``None`` (default) runs the
+            layouts metakit knows (`metakit.peft.feature_cut`); ``None`` (default) runs the
             whole model at every inner step. The meta-gradient is the same either way.
         precision: ``"fp32"`` (default), ``"bf16"`` or ``"fp16"`` (CUDA): the forward passes run under
             autocast; the loss, the inner updates and the meta-gradient stay float32; float16 scales
-            its gradients (:mod:`metakit.precision`; bf16 second order is within cosine 0.999 of
+            its gradients (`metakit.precision`; bf16 second order is within cosine 0.999 of
             float32 in the tests).
 
     Only parameters with ``requires_grad=True`` are candidates for either set, so parameters frozen
@@ -188,7 +188,7 @@ class MetaLearner:
         return {"step": self.step, "lr_scales": self.lr_scales.state_dict()}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Restore what :meth:`state_dict` saved."""
+        """Restore what `state_dict` saved."""
         self.step = int(state["step"])
         self.lr_scales.load_state_dict(state["lr_scales"])
 
@@ -203,7 +203,7 @@ class MetaLearner:
         """Adapt to each task, then accumulate the mean meta-gradient into the outer ``.grad``.
 
         Args:
-            tasks: the meta-batch, a non-empty sequence of :class:`Task`.
+            tasks: the meta-batch, a non-empty sequence of `Task`.
             logger: overrides the learner's logger for this step.
             final_support_loss: also record each task's support loss after the last inner step
                 (``inner_losses[:, -1]``; one more forward per task). Default: when a logger is attached.

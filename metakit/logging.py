@@ -34,7 +34,7 @@ class TensorBoardLogger:
         log_dir: the run directory (created if missing).
         per_task: also log every task's inner-loss curve.
         curve_every: meta-steps between inner-curve figures; 0 disables them.
-        hparams: hyper-parameters recorded in the HParams tab by :meth:`close`.
+        hparams: hyper-parameters recorded in the HParams tab by `close`.
 
     Example:
         >>> logger = TensorBoardLogger("runs/sine-maml", hparams={"inner_lr": 0.01})  # doctest: +SKIP
@@ -79,7 +79,7 @@ class TensorBoardLogger:
         self._layout_written = True
 
     def log_meta_step(self, step: int, result: MetaStepResult, learner: MetaLearner | None = None) -> None:
-        """Record one :class:`~metakit.MetaStepResult` at global step ``step``."""
+        """Record one `MetaStepResult` at global step ``step``."""
         if not self._layout_written:
             self._write_layout(result)
         curve = result.inner_losses.float().mean(0)

@@ -1,6 +1,6 @@
 """Mixed precision for the inner and outer loops: autocast forward passes, float32 everything else.
 
-:func:`precision_objective` wraps an objective ``objective(params, batch) -> loss`` so that its
+`precision_objective` wraps an objective ``objective(params, batch) -> loss`` so that its
 forward pass runs under ``torch.autocast`` in bfloat16 or float16, while the parameters, the inner
 gradients and updates, and the meta-gradient stay in the parameters' own dtype (float32): autocast
 casts weights to the low dtype inside each matmul, and their gradients flow back to the float32
@@ -8,7 +8,7 @@ tensors. The loss is returned in float32. It works under every strategy, second 
 (the backward of an autocast forward is differentiable again).
 
 float16 has a narrow range, so its gradients need loss scaling: the inner loop and the strategies
-take gradients with :func:`scaled_grad`, ``grad(S · loss) / S``, which is the same function of the
+take gradients with `scaled_grad`, ``grad(S · loss) / S``, which is the same function of the
 parameters (so second order through it is exact) while the gradients inside the float16 region
 are S times larger and do not underflow. The scale is static: a meta-gradient cannot skip an inner
 step the way ``torch.amp.GradScaler`` skips an outer one; a non-finite result makes
@@ -77,7 +77,7 @@ def precision_objective(objective: Objective, precision: str, device_type: str) 
         objective: ``objective(params, batch, ...) -> scalar loss`` (e.g. ``metakit.inner.model_objective``;
             any further arguments are passed through).
         precision: ``"fp32"`` (returns ``objective`` itself), ``"bf16"`` or ``"fp16"`` (CUDA only; take
-            its gradients with :func:`scaled_grad`).
+            its gradients with `scaled_grad`).
         device_type: where the parameters are (``"cpu"`` or ``"cuda"``).
 
     Returns:

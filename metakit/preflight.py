@@ -1,8 +1,8 @@
 """Pre-flight: what would go wrong in meta-training, found before it does.
 
-:func:`check` inspects the module tree and runs the learner's loss once on a batch (a traced
+`check` inspects the module tree and runs the learner's loss once on a batch (a traced
 forward, one double backward, and a forward-over-reverse pass when the strategy uses forward-mode
-Hessian-vector products). Each :class:`Finding` says where (module path), what follows and the fix.
+Hessian-vector products). Each `Finding` says where (module path), what follows and the fix.
 The model is left as it was: buffers are restored and the global RNG state is untouched.
 
 Example:
@@ -63,7 +63,7 @@ _NO_FORWARD_AD = re.compile(r"Trying to use forward AD with (\w+) that does not 
 
 @dataclass(frozen=True)
 class Finding:
-    """One problem (or one thing handled for you) that :func:`check` found.
+    """One problem (or one thing handled for you) that `check` found.
 
     Attributes:
         kind: a stable key, e.g. ``"no-double-backward"``, ``"buffer-update"``, ``"dropout"``.
@@ -82,7 +82,7 @@ class Finding:
 
 
 class Report:
-    """The findings of :func:`check`; ``print(report)`` shows them as a table, like ``explain()``.
+    """The findings of `check`; ``print(report)`` shows them as a table, like ``explain()``.
 
     Attributes:
         findings: every finding, errors first.
@@ -152,12 +152,12 @@ def check(model: nn.Module, learner: MetaLearner, batch: Any) -> Report:
 
     Args:
         model: the model (must be ``learner.model``).
-        learner: the :class:`~metakit.MetaLearner` whose loss, specs and strategy are checked.
-        batch: one batch as the loss function takes it (a support batch), or a :class:`~metakit.Task`
+        learner: the `MetaLearner` whose loss, specs and strategy are checked.
+        batch: one batch as the loss function takes it (a support batch), or a `Task`
             (its support batch is used).
 
     Returns:
-        A :class:`Report`; ``report.ok`` is ``False`` when any finding is an error.
+        A `Report`; ``report.ok`` is ``False`` when any finding is an error.
 
     Example:
         >>> import torch, torchopt, metakit as mk

@@ -57,7 +57,7 @@ class TaskProblem:
     """Everything a strategy needs to compute one task's meta-gradient.
 
     Built by keyword: ``TaskProblem(model=..., loss_fn=..., inner=..., task=..., partition=...)``.
-    It makes the task's :class:`~metakit.step.InnerStep` (what an inner step means: objective,
+    It makes the task's `InnerStep` (what an inner step means: objective,
     buffers, context, scales, loss scale) and runs the one inner loop; a strategy chooses only how
     many steps are differentiated and how a differentiated step runs.
 
@@ -70,14 +70,14 @@ class TaskProblem:
         index: the task's position in the meta-batch (error messages).
         lr_scales: MetaSGD scales by inner parameter name, or ``None``.
         trace_final: record the support loss after the last inner step (one more forward).
-        cut: feature reuse (:class:`~metakit.reuse.Cut`): the model below the cut runs once per
+        cut: feature reuse (`Cut`): the model below the cut runs once per
             batch and the inner steps run only the top.
         precision: ``"fp32"``, ``"bf16"`` or ``"fp16"``: the forward passes under autocast, the loss,
-            the inner updates and the meta-gradient in float32 (:mod:`metakit.precision`).
+            the inner updates and the meta-gradient in float32 (`metakit.precision`).
         functional: the problem runs inside ``torch.func`` transforms (the ``Vmap`` executor):
             gradients are ``torch.func.grad``, buffers are throw-away per-task copies.
         batched_like: under ``vmap``, a zero of the task's batch (per-task copies of state and buffers).
-        measure_before: also measure the query loss before the inner loop (:meth:`measured`).
+        measure_before: also measure the query loss before the inner loop (`measured`).
     """
 
     model: nn.Module
@@ -241,7 +241,7 @@ class TaskProblem:
     def meta_gradient(self, meta_loss) -> TaskGradient:
         """The gradient of ``meta_loss(problem) -> (query loss, adapted, trace)`` with respect to the
         outer parameters and the MetaSGD scales: by ``autograd``, or by ``torch.func.grad`` when the
-        problem is :attr:`functional` (the same function of the same values)."""
+        problem is `functional` (the same function of the same values)."""
         targets = {**self.partition.shared, **self.partition.outer_only}
         scales = dict(self.lr_scales or {})
         if not self.functional:
@@ -310,8 +310,8 @@ class TaskGradient:
 class Strategy(abc.ABC):
     """How one task's meta-gradient is computed: the interface every strategy implements.
 
-    A strategy declares what it needs and supports in :attr:`capabilities`
-    (:class:`~metakit.capabilities.Capabilities`). A custom strategy is assumed to need double
+    A strategy declares what it needs and supports in `capabilities`
+    (`Capabilities`). A custom strategy is assumed to need double
     backward and to have no ``torch.func`` form unless it says otherwise.
     """
 

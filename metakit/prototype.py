@@ -7,15 +7,15 @@ mean encoding ``p_c = mean{h_i : y_i = c}``. The head starts as
   so its logits ``2⟨h, p_c⟩ − ‖p_c‖²`` are ``−‖h − p_c‖²`` up to a per-example constant;
 - ``"mean"``: ``W = P``, ``b = 0`` (dot product with the class means),
 
-and is then adapted in the inner loop. :class:`PrototypeHead` holds only the *offset* from that start
+and is then adapted in the inner loop. `PrototypeHead` holds only the *offset* from that start
 (zero-initialised ``weight`` and ``bias`` of shape ``[max_classes, hidden]``, ``[max_classes]``), so the
 inner loop adapts ordinary parameters while the start stays a differentiable function of the encoder:
 a strategy that differentiates through the first inner step (``SecondOrder``) carries the meta-gradient
 through the prototypes into the encoder (and its adapters), exactly as Proto-MAML. With ``FirstOrder``
 the prototypes are constants, as in first-order Proto-MAML.
 
-Any recipe can use it: wrap an encoder in :class:`PrototypeClassifier`, build tasks with
-:func:`prototype_task`, pass :func:`prototype_loss` as the loss, and put :attr:`PrototypeHead` 's
+Any recipe can use it: wrap an encoder in `PrototypeClassifier`, build tasks with
+`prototype_task`, pass `prototype_loss` as the loss, and put `PrototypeHead` 's
 parameters (``select("head.*")``) in the inner spec and never in the outer one.
 
 Example:
@@ -122,7 +122,7 @@ class PrototypeHead(nn.Module):
 
 
 class PrototypeClassifier(nn.Module):
-    """An encoder with a :class:`PrototypeHead`; parameter names are ``encoder.*`` and ``head.*``.
+    """An encoder with a `PrototypeHead`; parameter names are ``encoder.*`` and ``head.*``.
 
     ``forward(**inputs)`` returns sentence encodings ``[batch, hidden]`` (mean-pooled last hidden states
     for a Hugging Face encoder, or whatever tensor the encoder returns); ``forward(features=...,
@@ -132,7 +132,7 @@ class PrototypeClassifier(nn.Module):
         encoder: a Hugging Face ``AutoModel`` (any module returning ``last_hidden_state``) or a module
             returning ``[batch, hidden]``.
         hidden_size: the encodings' width.
-        max_classes, init: see :class:`PrototypeHead`.
+        max_classes, init: see `PrototypeHead`.
     """
 
     def __init__(self, encoder: nn.Module, hidden_size: int, max_classes: int, init: Init = "euclidean"):
@@ -200,7 +200,7 @@ def episode_prototypes(
 
 
 def prototype_loss(forward: Any, batch: PrototypeBatch) -> torch.Tensor:
-    """Cross-entropy of the prototype head on ``batch`` (``forward``: a bound :class:`PrototypeClassifier`)."""
+    """Cross-entropy of the prototype head on ``batch`` (``forward``: a bound `PrototypeClassifier`)."""
     features = forward(**batch.inputs)
     prototypes = episode_prototypes(forward, batch, features)
     return F.cross_entropy(forward(features=features, prototypes=prototypes), batch.labels)
@@ -213,7 +213,7 @@ def prototype_task(
     query_labels: torch.Tensor,
     n_classes: int | None = None,
 ) -> Task:
-    """A :class:`~metakit.Task` whose query shares its support's prototypes (loss: :func:`prototype_loss`)."""
+    """A `Task` whose query shares its support's prototypes (loss: `prototype_loss`)."""
     n = int(support_labels.max()) + 1 if n_classes is None else n_classes
     support = PrototypeBatch(support_inputs, support_labels, n)
     return Task(support, PrototypeBatch(query_inputs, query_labels, n, support=support), prototype_loss)

@@ -1,4 +1,4 @@
-"""Recipes: named configurations of the same parts. Each returns a :class:`MetaLearner`, nothing more.
+"""Recipes: named configurations of the same parts. Each returns a `MetaLearner`, nothing more.
 
 Example:
     >>> from metakit import recipes
@@ -85,7 +85,7 @@ def _fixed_strategy(recipe: str, strategy: Strategy, kwargs: dict[str, Any]) -> 
     return {**kwargs, "strategy": strategy}
 
 
-#: The keywords every recipe takes (besides its partition): see :func:`maml`.
+#: The keywords every recipe takes (besides its partition): see `maml`.
 COMMON_KEYWORDS = (
     "inner_lr",
     "steps",
@@ -113,7 +113,7 @@ def maml(
 
     Every recipe takes the same keywords besides its partition: ``inner_lr``, ``steps``,
     ``optimizer`` (a TorchOpt optimizer instead of SGD at ``inner_lr``), ``strategy``, ``learn_lr``
-    (Meta-SGD: learned per-element inner rates), ``buffers`` (:class:`InnerLoop`'s buffer policy),
+    (Meta-SGD: learned per-element inner rates), ``buffers`` (`InnerLoop`'s buffer policy),
     ``logger``, ``executor``, ``precision`` and ``cut``.
     """
     spec = params if params is not None else everything()
@@ -130,19 +130,19 @@ def maml(
 
 
 def fomaml(model: nn.Module, loss_fn: LossFn, **kwargs: Any) -> MetaLearner:
-    """First-order MAML: :func:`maml` with :class:`FirstOrder` meta-gradients."""
+    """First-order MAML: `maml` with `FirstOrder` meta-gradients."""
     return maml(model, loss_fn, **_fixed_strategy("fomaml", FirstOrder(), kwargs))
 
 
 def reptile(model: nn.Module, loss_fn: LossFn, **kwargs: Any) -> MetaLearner:
-    """Reptile (Nichol et al., 2018): :func:`maml`'s partition, meta-gradient ``θ − φ``."""
+    """Reptile (Nichol et al., 2018): `maml`'s partition, meta-gradient ``θ − φ``."""
     return maml(model, loss_fn, **_fixed_strategy("reptile", Reptile(), kwargs))
 
 
 def imaml(
     model: nn.Module, loss_fn: LossFn, *, lam: float = 1.0, cg_steps: int = 10, **kwargs: Any
 ) -> MetaLearner:
-    """iMAML (Rajeswaran et al., 2019): :func:`maml`'s partition with the implicit meta-gradient."""
+    """iMAML (Rajeswaran et al., 2019): `maml`'s partition with the implicit meta-gradient."""
     return maml(model, loss_fn, **_fixed_strategy("imaml", Implicit(lam=lam, cg_steps=cg_steps), kwargs))
 
 
@@ -150,7 +150,7 @@ def anil(
     model: nn.Module, loss_fn: LossFn, *, head: Spec, inner_lr: float = 0.01, steps: int = 1, **kwargs: Any
 ) -> MetaLearner:
     """ANIL (Raghu et al., 2020): only the head adapts; everything is meta-learned (the keywords of
-    :func:`maml`; ``cut="auto"`` by default)."""
+    `maml`; ``cut="auto"`` by default)."""
     return _learner(
         model,
         loss_fn,
@@ -180,15 +180,15 @@ def priming(
 
     Inner loop: the PE parameters θa and the head θh; outer: the backbone θp and θa; θh is carried
     over from the first task of each meta-batch. First-order by default, as in the paper. Takes the
-    keywords of :func:`maml`.
+    keywords of `maml`.
 
     Args:
         pe: the parameter-efficient parameters (e.g. from ``metakit.peft.add_top_adapter``).
         head: the task head.
         backbone: the pretrained parameters to prime; default everything else.
         adapt_backbone: the inner loop also updates the backbone (the paper's ablation 6, see
-            :func:`maml_loop_priming`).
-        **kwargs: as :func:`maml`; ``cut`` (:class:`~metakit.Cut`) defaults to ``"auto"``, which finds it
+            `maml_loop_priming`).
+        **kwargs: as `maml`; ``cut`` (`Cut`) defaults to ``"auto"``, which finds it
             for the Hugging Face layouts metakit knows, so the encoder runs once per batch; ``None``
             runs the whole model at every inner step. The meta-gradient is the same.
     """
@@ -211,7 +211,7 @@ def priming(
 
 
 def maml_loop_priming(model: nn.Module, loss_fn: LossFn | None, **kwargs: Any) -> MetaLearner:
-    """The priming paper's ablation 6: :func:`priming` whose inner loop also updates the backbone."""
+    """The priming paper's ablation 6: `priming` whose inner loop also updates the backbone."""
     return priming(model, loss_fn, adapt_backbone=True, **kwargs)
 
 
@@ -228,7 +228,7 @@ def meta_adapters(
     """Meta-Adapters (Bansal et al., 2022): inner = adapters + head, outer = adapters, backbone frozen.
 
     The head is not meta-learned: every task adapts it from the same starting value. Takes the
-    keywords of :func:`maml` (``cut="auto"`` by default).
+    keywords of `maml` (``cut="auto"`` by default).
     """
     return _learner(
         model,
@@ -262,10 +262,10 @@ def tams(
     the task-adaptive parameters' initialisation (``meta_learn_init``, MAML-style), and ``backbone`` if
     given (to meta-learn the pretrained weights too; default frozen). The head adapts from the same
     start in every task. First-order by default (cheap); ``strategy=SecondOrder()`` is exact. Takes
-    the keywords of :func:`maml`.
+    the keywords of `maml`.
 
     Args:
-        controller: the :class:`metakit.peft.TamsController` from ``metakit.peft.add_tams``.
+        controller: the `metakit.peft.TamsController` from ``metakit.peft.add_tams``.
         head: the task head (e.g. ``metakit.peft.head_spec(model)``).
 
     Example:

@@ -2,14 +2,14 @@
 
 When every inner parameter sits above a part of the model that the inner loop leaves alone (a top
 adapter and a head over an encoder that only the outer loop changes: priming, ANIL), that part's
-output for a batch is the same at every inner step. A :class:`Cut` declares where the model splits:
+output for a batch is the same at every inner step. A `Cut` declares where the model splits:
 metakit runs the model up to the cut once per support batch and once per query batch, keeps the
 features *with their graph*, and runs only the top in each inner step. That is exact under every
 strategy: the backbone's meta-gradient flows into the one shared graph from all the steps.
 
 Declare a cut for any module with the module whose input is the feature and a function that
 finishes the forward from there; the Hugging Face layouts metakit knows declare it themselves
-(:func:`metakit.peft.feature_cut`).
+(`metakit.peft.feature_cut`).
 """
 
 from __future__ import annotations
@@ -51,7 +51,7 @@ class Cut:
             ``features``. ``run(path)`` is the submodule at ``path`` run on the current parameters.
 
     The bottom is everything the model's forward runs before it calls ``at``; it is stopped there.
-    Every inner parameter must belong to the top (a :class:`CutError` names one that does not).
+    Every inner parameter must belong to the top (a `CutError` names one that does not).
 
     Example:
         A classifier ``model = nn.Sequential(encoder, head)`` whose inner loop adapts the head only:
@@ -74,7 +74,7 @@ class Cut:
         return f"Cut(at={self.at!r})"
 
     def module(self, model: nn.Module) -> nn.Module:
-        """The module at the cut; a :class:`CutError` if ``model`` has none there."""
+        """The module at the cut; a `CutError` if ``model`` has none there."""
         try:
             return model.get_submodule(self.at)
         except AttributeError:
@@ -153,7 +153,7 @@ class Cut:
         return lambda params, batch: forward(params, batch, None)
 
     def forward(self, model: nn.Module, loss_fn: LossFn) -> Callable[..., torch.Tensor]:
-        """``forward(params, batch, buffers)``: :meth:`objective` on given buffers (``None``: the module's)."""
+        """``forward(params, batch, buffers)``: `objective` on given buffers (``None``: the module's)."""
 
         def forward(
             params: Mapping[str, torch.Tensor], batch: Any, buffers: Mapping[str, torch.Tensor] | None

@@ -1,9 +1,9 @@
 """Parameter-partition specs: composable predicates that say which parameters belong to a group.
 
-A :class:`Spec` is a pure predicate over a parameter's ``(name, tensor, owning module)``. Specs
+A `Spec` is a pure predicate over a parameter's ``(name, tensor, owning module)``. Specs
 compose with ``|`` (union), ``&`` (intersection), ``-`` (difference) and ``~`` (complement), so
 "which parameters adapt in the inner loop" and "which are meta-learned" are small values that can
-be printed, combined and checked with :func:`explain` before any training starts.
+be printed, combined and checked with `explain` before any training starts.
 
 Example:
     >>> import metakit as mk
@@ -38,7 +38,7 @@ __all__ = [
 class Spec:
     """A predicate over ``(name, parameter, owning module)``; compose with ``| & - ~``."""
 
-    #: Whether :meth:`matches` looks at the owning module (then :meth:`split` needs the model).
+    #: Whether `matches` looks at the owning module (then `split` needs the model).
     needs_module: bool = False
     #: Binding strength used by ``repr`` (Python's: ``~`` > ``-`` > ``&`` > ``|``) to place parentheses.
     _precedence: int = 100
@@ -53,7 +53,7 @@ class Spec:
 
         Tied (shared) parameters appear once, under their first name, as in ``named_parameters()``.
         A spec that matches nothing returns ``[]``; APIs that need a non-empty group check that
-        with :func:`require_nonempty`.
+        with `require_nonempty`.
         """
         return [name for name, param in model.named_parameters() if self._matches_in(model, name, param)]
 
@@ -65,7 +65,7 @@ class Spec:
         Args:
             params: a flat ``{dotted name: tensor}`` dict, e.g. ``dict(model.named_parameters())``.
             model: the module the names refer to; needed only by specs built on
-                :func:`module_type`, which must know the module that owns each parameter.
+                `module_type`, which must know the module that owns each parameter.
         """
         if self.needs_module and model is None:
             raise ValueError(
@@ -276,7 +276,7 @@ def nothing() -> Spec:
 
 # -- helpers over params dicts ------------------------------------------------------------------
 def combine(*dicts: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Merge params dicts (e.g. the two halves of :meth:`Spec.split`) back into one.
+    """Merge params dicts (e.g. the two halves of `Spec.split`) back into one.
 
     Raises ``ValueError`` if a name appears in more than one dict: the halves of a split never
     overlap, so an overlap means two groups claim the same parameter.

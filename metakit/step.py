@@ -1,17 +1,17 @@
 """One inner step, defined once, and the one loop over inner steps.
 
-:class:`InnerStep` is what an inner step *means* for one task: the objective on one params dict
+`InnerStep` is what an inner step *means* for one task: the objective on one params dict
 (with the task's buffer policy, its precision and, under a cut, only the top of the model), the
 context (the other parameters and cached features: constants, and the *live* tensors the
 meta-gradient flows into), the MetaSGD scales, the loss scale, a regularizer and the error messages.
 Every way of running a step calls it: plain, with ``create_graph``, as a forward-over-reverse op or
-recomputed in a segment (:mod:`metakit.lean`), batched under ``vmap`` (``functional=True``: the
+recomputed in a segment (`metakit.lean`), batched under ``vmap`` (``functional=True``: the
 gradient is a ``torch.func.grad``), or inside Implicit's solve.
 
-:func:`run_steps` is the one loop. A *runner* says how a step runs (:class:`Plain`, or the lean
+`run_steps` is the one loop. A *runner* says how a step runs (`Plain`, or the lean
 runners, which run ``chunk`` steps as one autograd op); a *stop* says when the loop ends
-(:class:`FixedSteps`, or Implicit's residual rule, which looks at each step's gradient through a
-probe). :func:`unroll` runs an inner loop the way the unrolled strategies need it: a first-order
+(`FixedSteps`, or Implicit's residual rule, which looks at each step's gradient through a
+probe). `unroll` runs an inner loop the way the unrolled strategies need it: a first-order
 prefix, then the differentiated steps, anchored so that the prefix counts as identity.
 """
 
@@ -273,7 +273,7 @@ class FixedSteps:
 # -- the one loop -----------------------------------------------------------------------------------
 @dataclass
 class Steps:
-    """What :func:`run_steps` ran to: the parameters and state, the loss before each step, where it
+    """What `run_steps` ran to: the parameters and state, the loss before each step, where it
     stopped and, if the stop probed it, the gradient and loss at the last point."""
 
     params: Params
@@ -409,7 +409,7 @@ def check_scalar_loss(loss: Any, what: str) -> None:
 
 
 def check_finite_trace(trace: torch.Tensor, task_index: int, *, has_final: bool = True) -> None:
-    """Raise :class:`InnerLossError` at the first non-finite support loss of ``trace``.
+    """Raise `InnerLossError` at the first non-finite support loss of ``trace``.
 
     ``trace`` holds the loss before each step, then (``has_final``) the loss after the last one.
     """

@@ -1,11 +1,11 @@
 """Strategies: how the meta-gradient flows from a task's query loss back to the outer parameters.
 
 A strategy is the only thing that changes between gradient approximations. Every strategy
-implements one method, :meth:`Strategy.task_gradient`, and reaches the inner loop only through
-:meth:`InnerLoop.init`, :meth:`InnerLoop.step` and :meth:`InnerLoop.adapt`. The unrolled family
-(:class:`SecondOrder`, :class:`FirstOrder`, :class:`Truncated`) shares :class:`Unrolled`: they
+implements one method, `Strategy.task_gradient`, and reaches the inner loop only through
+`InnerLoop.init`, `InnerLoop.step` and `InnerLoop.adapt`. The unrolled family
+(`SecondOrder`, `FirstOrder`, `Truncated`) shares `Unrolled`: they
 differ in how many of the last inner steps are differentiated and, for ``SecondOrder``, in how the
-differentiated steps are run (:mod:`metakit.lean`). :class:`Reptile` and :class:`Implicit` replace
+differentiated steps are run (`metakit.lean`). `Reptile` and `Implicit` replace
 the backward pass.
 
 For a parameter in both the inner and the outer set, the meta-gradient is the gradient of the query

@@ -40,3 +40,18 @@ def test_the_compatibility_table_is_generated_from_the_declarations():
         "docs/strategies.md's compatibility table is stale; regenerate it with "
         "python -c \"from metakit.compatibility import write_table; write_table('docs/strategies.md')\""
     )
+
+
+def test_docstrings_use_no_sphinx_roles():
+    # mkdocstrings renders Markdown: a Sphinx role (:class:`X`) would show as raw text on the API pages
+    # (docs/hooks.py also fails the site build on one).
+    import re
+
+    role = re.compile(r":(?:class|func|meth|attr|mod|data|exc|obj):`")
+    found = [
+        f"{path.relative_to(ROOT)}:{number}"
+        for path in sorted((ROOT / "metakit").rglob("*.py"))
+        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1)
+        if role.search(line)
+    ]
+    assert not found, found

@@ -1,8 +1,8 @@
 """Benchmarks behind ``metakit bench``: what each meta-gradient strategy costs, side by side.
 
-Each (workload, strategy, inner steps) configuration runs in a fresh process (:mod:`metakit.bench.worker`)
-so that peak memory and warm-up are its own; :mod:`metakit.bench.runner` spawns them and collects JSON
-records, :mod:`metakit.bench.report` and :mod:`metakit.bench.plots` turn the records into a table and plots.
+Each (workload, strategy, inner steps) configuration runs in a fresh process (`metakit.bench.worker`)
+so that peak memory and warm-up are its own; `metakit.bench.runner` spawns them and collects JSON
+records, `metakit.bench.report` and `metakit.bench.plots` turn the records into a table and plots.
 """
 
 from metakit.extras import require

@@ -13,8 +13,8 @@ class Config:
     """A (workload, strategy, inner steps) cell of the grid and how to measure it.
 
     Attributes:
-        workload: a name in :data:`metakit.bench.workloads.WORKLOADS`.
-        strategy: a canonical name in :data:`metakit.bench.strategies.STRATEGIES`.
+        workload: a name in `metakit.bench.workloads.WORKLOADS`.
+        strategy: a canonical name in `metakit.bench.strategies.STRATEGIES`.
         steps: inner steps S.
         device: ``"cpu"`` or ``"cuda"``.
         repeats: timed meta-steps after the warm-up step; the median is reported.

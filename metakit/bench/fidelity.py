@@ -1,7 +1,7 @@
 """Fidelity: how close each strategy's meta-gradient is to SecondOrder()'s (exact) on the same batch.
 
 Implicit is the exception: the worker compares it with the exact gradient of its own proximal inner
-problem (:func:`metakit.bench.reference.proximal_reference_gradient`); SecondOrder()'s is stored beside
+problem (`metakit.bench.reference.proximal_reference_gradient`); SecondOrder()'s is stored beside
 it as ``cosine_to_second_order``, for reference.
 """
 
@@ -34,7 +34,7 @@ def add_fidelity(records: list[dict], grad_paths: Mapping[str, Path]) -> None:
 
     Args:
         records: worker records (``config`` holds workload, strategy, steps); updated in place.
-        grad_paths: saved meta-gradients of the successful runs, by :attr:`Config.key`.
+        grad_paths: saved meta-gradients of the successful runs, by `Config.key`.
     """
     for record in records:
         config = Config(**record["config"])

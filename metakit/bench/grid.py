@@ -104,13 +104,13 @@ def expand(
     """The configurations of ``base``, in its order, optionally restricted or overridden.
 
     Args:
-        base: the grid (:data:`QUICK` or :data:`FULL`).
+        base: the grid (`QUICK` or `FULL`).
         workloads: measure only these workloads; one that ``base`` lacks gets its own default
             strategies and ``base``'s longest list of S. ``None`` keeps ``base``'s.
         strategies: replaces every entry's strategies (a combination a learner rejects is recorded
             as ``"unsupported"``).
         steps: replaces every entry's inner-step counts.
-        settings: further :class:`Config` fields (device, repeats, threads, memory_limit_gib).
+        settings: further `Config` fields (device, repeats, threads, memory_limit_gib).
     """
     entries = list(base)
     if workloads is not None:

@@ -20,7 +20,7 @@ class SavedTensorCounter:
     """Count the bytes of tensors autograd saves for backward while the context is active.
 
     Every tensor that an autograd node saves goes through the pack hook of
-    :func:`torch.autograd.graph.saved_tensors_hooks`; the counter records its storage, keyed by
+    `torch.autograd.graph.saved_tensors_hooks`; the counter records its storage, keyed by
     ``untyped_storage().data_ptr()``, so a storage saved by several nodes (or as several views) is
     counted once. The storages are kept alive until the context exits, so an address freed and
     reused within the context cannot hide a second storage; the extra memory this holds equals the

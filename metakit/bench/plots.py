@@ -1,7 +1,7 @@
 """Records to figures: time vs S, memory vs S (exact modes and FirstOrder), fidelity vs cost, size sweep.
 
 A strategy keeps one colour, marker and line style in every figure, derived from its position in
-:data:`metakit.bench.strategies.STRATEGIES` (any number of entries). Lines of different strategies are
+`metakit.bench.strategies.STRATEGIES` (any number of entries). Lines of different strategies are
 nudged apart along S so that equal values (SecondOrder and Truncated(1) at S=1) stay visible; axes
 start at zero unless the values span more than a decade, and a cosine axis always spans at least
 0.9–1.0, so that small differences are not blown up.

@@ -1,9 +1,9 @@
 """Hand-written meta-gradients with ``torch.func.functional_call`` and ``torch.autograd.grad``.
 
-- :func:`reference_meta_step`: the yardstick for metakit's overhead and a check of its gradients, the
+- `reference_meta_step`: the yardstick for metakit's overhead and a check of its gradients, the
   plainest code that does the same work as ``MetaLearner.meta_step`` with an SGD inner loop under
   ``SecondOrder`` (and its exact modes) or ``FirstOrder``, without specs, strategies, traces or checks.
-- :func:`proximal_reference_gradient`: what ``Implicit`` should compute, the exact gradient of its
+- `proximal_reference_gradient`: what ``Implicit`` should compute, the exact gradient of its
   proximal inner problem solved to convergence, by unrolling the solver.
 
 Both deliberately share no code with metakit.
@@ -149,7 +149,7 @@ def proximal_reference_gradient(
             solve, a smaller carried vector in the backward pass).
 
     Returns:
-        A :class:`ProximalReference`.
+        A `ProximalReference`.
     """
     params = {n: p.detach() for n, p in model.named_parameters()}
     inner_set = set(inner_names)

@@ -94,7 +94,7 @@ def markdown_table(records: Sequence[dict]) -> str:
 
 
 def legend(records: Sequence[dict]) -> str:
-    """What each column of :func:`markdown_table` means, for the records at hand."""
+    """What each column of `markdown_table` means, for the records at hand."""
     outcomes = [r["outcome"] for r in records if r.get("outcome")]
     before = {
         r["config"]["steps"]: r["outcome"]["query_loss_before"]

@@ -2,7 +2,7 @@
 
 Every list of strategies in ``benchmarks/`` (the default grid, the priming workload's, the size
 sweep's, the command line's names, the plots' labels, markers and colours, the hand-written loop and
-the fidelity reference) is derived from :data:`STRATEGIES`. Adding a strategy is one new entry.
+the fidelity reference) is derived from `STRATEGIES`. Adding a strategy is one new entry.
 
 Example:
     >>> from metakit.bench.strategies import entry
@@ -48,7 +48,7 @@ class StrategyEntry:
             second-order one and its fidelity is measured against SecondOrder().
         first_order: the hand-written loop reproduces it with constant inner gradients (FOMAML).
         proximal: an implicit (iMAML) gradient; its fidelity reference is the exact gradient of the
-            proximal inner problem solved to convergence (:mod:`metakit.bench.reference`), not MAML's.
+            proximal inner problem solved to convergence (`metakit.bench.reference`), not MAML's.
         core: measured on every workload (priming included) and up to the largest S: the exact
             modes and FirstOrder, whose memory against S is the point of the comparison.
         sweep: measured across model sizes (the size sweep).
@@ -139,7 +139,7 @@ def names(**flags: bool) -> tuple[str, ...]:
     """Names of the entries in table order; ``names(core=True)`` keeps those whose ``core`` is True.
 
     Raises:
-        AttributeError: a flag that :class:`StrategyEntry` does not have.
+        AttributeError: a flag that `StrategyEntry` does not have.
     """
     return tuple(
         e.name for e in STRATEGIES if all(getattr(e, flag) == value for flag, value in flags.items())

@@ -53,10 +53,10 @@ class BuiltWorkload:
 
 @dataclass(frozen=True)
 class Workload:
-    """A named, buildable workload; ``build(device)`` returns a :class:`BuiltWorkload`.
+    """A named, buildable workload; ``build(device)`` returns a `BuiltWorkload`.
 
     Attributes:
-        compared: which strategies of :data:`metakit.bench.strategies.STRATEGIES` it is compared under
+        compared: which strategies of `metakit.bench.strategies.STRATEGIES` it is compared under
             by default: ``"all"``, ``"core"`` (the entries marked core: the exact modes and
             FirstOrder), ``"sweep"`` (those marked sweep) or ``"implicit"`` (SecondOrder() and the
             proximal entries).

@@ -44,8 +44,8 @@ class MetaBatchGradient:
 class Executor(abc.ABC):
     """Runs a strategy over a meta-batch of task problems.
 
-    An executor declares what it supports in :attr:`capabilities`; the learner checks a
-    combination against it (:func:`metakit.capabilities.check_composition`) before the first step.
+    An executor declares what it supports in `capabilities`; the learner checks a
+    combination against it (`metakit.capabilities.check_composition`) before the first step.
     """
 
     capabilities = Capabilities(functional=False)
@@ -73,7 +73,7 @@ def accumulate(total: Params, grads: Mapping[str, torch.Tensor]) -> None:
 
 
 def records_of(total: Params, total_lr: Params, outcomes: Sequence[TaskGradient]) -> MetaBatchGradient:
-    """A :class:`MetaBatchGradient` from summed gradients and the per-task outcomes."""
+    """A `MetaBatchGradient` from summed gradients and the per-task outcomes."""
     names = [name for name in outcomes[0].diagnostics if all(name in o.diagnostics for o in outcomes)]
     return MetaBatchGradient(
         grad_sums=total,

@@ -1,6 +1,6 @@
 """Collectives with timeouts, shared by the ``Distributed`` executor and the experiments' ranks.
 
-Every collective waits at most a timeout and raises :class:`DistributedError` naming what the ranks
+Every collective waits at most a timeout and raises `DistributedError` naming what the ranks
 were doing; tensors travel flattened per (dtype, device); per-task records travel pickled as NumPy
 arrays.
 """
@@ -42,7 +42,7 @@ class DistributedError(RuntimeError):
 
 
 def wait(work: Any, what: str, *, group: Any = None, timeout: timedelta) -> None:
-    """Wait for an ``async_op=True`` collective at most ``timeout``, else raise :class:`DistributedError`.
+    """Wait for an ``async_op=True`` collective at most ``timeout``, else raise `DistributedError`.
 
     Args:
         work: what the collective returned.
@@ -67,7 +67,7 @@ def all_gather_object(
     timeout: timedelta,
     device: torch.device | str = "cpu",
 ) -> list[Any]:
-    """``dist.all_gather_object`` that waits at most ``timeout`` (:func:`wait`); every rank's ``obj``.
+    """``dist.all_gather_object`` that waits at most ``timeout`` (`wait`); every rank's ``obj``.
 
     Example:
         >>> statuses = all_gather_object(None, "finishing a unit", timeout=timedelta(minutes=5))  # doctest: +SKIP

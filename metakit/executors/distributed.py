@@ -1,7 +1,7 @@
 """Distributed: a meta-batch split across the ranks of a ``torch.distributed`` process group.
 
 A meta-batch is parallel over its tasks. Each rank runs its share of the tasks with a local executor
-(:class:`~metakit.executors.Sequential` by default), exactly as one process would, and one
+(`Sequential` by default), exactly as one process would, and one
 all-reduce of the summed meta-gradients gives the mean over *all* tasks. No DDP wrapper is involved,
 so every strategy works, exact second order included.
 
@@ -68,12 +68,12 @@ class Distributed(Executor):
 
     Every rank must build the same model and call ``meta_step`` with the same tasks in the same
     order. At the first meta-step the executor compares a fingerprint of every parameter across the
-    ranks and raises :class:`RankMismatchError` naming the ranks that differ; each step it checks
+    ranks and raises `RankMismatchError` naming the ranks that differ; each step it checks
     that the ranks agree on the number of tasks.
 
     A rank whose tasks raise does not hang the others: it reports the error in the next collective,
-    the other ranks raise :class:`DistributedError` naming it and it re-raises its own error. A rank
-    that dies or stops calling ``meta_step`` makes the others raise :class:`DistributedError` after
+    the other ranks raise `DistributedError` naming it and it re-raises its own error. A rank
+    that dies or stops calling ``meta_step`` makes the others raise `DistributedError` after
     ``timeout`` (every collective waits at most that long).
 
     Args:

@@ -3,7 +3,7 @@
 Many small tasks (sine regression, few-shot heads) spend most of their time in Python and in tiny
 kernels, one task after another. ``Vmap`` runs the whole per-task computation — the inner loop, the
 query loss and its meta-gradient, written with ``torch.func`` — once over a stacked batch of tasks.
-It computes the same meta-gradient as :class:`~metakit.executors.Sequential`; it pays for small
+It computes the same meta-gradient as `Sequential`; it pays for small
 models and many tasks, and not for a large model, whose kernels are already big (and whose memory it
 multiplies by the number of tasks in a chunk).
 """
@@ -34,9 +34,9 @@ class Vmap(Executor):
     """Tasks of equal shapes batched with ``torch.func.vmap``: the same meta-gradient, less overhead.
 
     Runs every strategy that declares a ``torch.func`` form (``capabilities.functional``):
-    :class:`~metakit.SecondOrder` (every ``hvp``/``checkpoint`` setting computes the same exact gradient;
-    under ``vmap`` it is formed reverse over reverse), :class:`~metakit.FirstOrder`,
-    :class:`~metakit.Truncated` and :class:`~metakit.Reptile`, with MetaSGD scales, ``inner_only``,
+    `SecondOrder` (every ``hvp``/``checkpoint`` setting computes the same exact gradient;
+    under ``vmap`` it is formed reverse over reverse), `FirstOrder`,
+    `Truncated` and `Reptile`, with MetaSGD scales, ``inner_only``,
     a feature-reuse cut and the ``"task"`` and ``"frozen"`` buffer policies. The strategy's own
     ``task_gradient`` runs once per task inside the vmapped function.
 

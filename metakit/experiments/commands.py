@@ -153,7 +153,7 @@ def verify_command(out: str, verify: Callable[[str], list[str]], checked: str) -
 def run_and_show_table(
     start: Callable[[], None], out: str, errors: tuple[type[BaseException], ...], resume_hint: str
 ) -> int:
-    """:func:`run_guarded`, then print the folder's ``table.md``; the exit status."""
+    """`run_guarded`, then print the folder's ``table.md``; the exit status."""
     from pathlib import Path
 
     status = run_guarded(start, errors=errors, resume_hint=resume_hint)

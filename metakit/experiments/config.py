@@ -32,7 +32,7 @@ class ExperimentConfig:
 
     Model and data:
         model: hub name or local path of a token-classification backbone; ``"e5"`` is the offline
-            multilingual-e5-small from :func:`metakit.experiments.pretrained.multilingual_e5_small`; ``"tiny"`` a
+            multilingual-e5-small from `metakit.experiments.pretrained.multilingual_e5_small`; ``"tiny"`` a
             random 2-layer BERT with a tokenizer built from the data (tests, smoke runs).
         data_dir: folder of ``{split}-{lang}.tsv`` files; ``None`` loads ``unimelb-nlp/wikiann`` from the hub.
         sources, targets: priming languages and fine-tuning/test languages.

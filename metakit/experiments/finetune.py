@@ -1,6 +1,6 @@
 """Fine-tuning on a target language and prediction, from token ids or from cached encoder features.
 
-When the encoder is frozen (head or adapter tuning), :func:`sentence_features` runs it once over the
+When the encoder is frozen (head or adapter tuning), `sentence_features` runs it once over the
 data in eval mode, and training runs on the top part only: many epochs for the price of one forward.
 """
 
@@ -74,8 +74,8 @@ def finetune(
     """Train the parameters ``tuned`` selects with AdamW and a linear decay; everything else is frozen.
 
     Args:
-        rows: encoded sentences (:func:`metakit.experiments.data.ner.model_inputs`).
-        features: their :func:`sentence_features`, to train the top part only (the encoder must be frozen).
+        rows: encoded sentences (`metakit.experiments.data.ner.model_inputs`).
+        features: their `sentence_features`, to train the top part only (the encoder must be frozen).
         writer: TensorBoard writer for ``finetune/loss`` and ``finetune/lr``.
         progress: show a progress bar (off on the ranks that do not write, under ``torchrun``).
 
@@ -127,7 +127,7 @@ def predict(
     batch_size: int,
     features: Sequence[torch.Tensor] | None = None,
 ) -> list[list[str]]:
-    """Word-level predicted tags for every sentence of an :func:`~metakit.experiments.data.encode_ner` dataset."""
+    """Word-level predicted tags for every sentence of an `encode_ner` dataset."""
     tagger.eval()
     rows = model_inputs(encoded)
     word_index, n_words = encoded["word_index"], [len(t) for t in encoded["tokens"]]

@@ -1,7 +1,7 @@
 """An experiment's output folder, shared by ``metakit ner`` and ``metakit fewshot``: lock, config, results.
 
 Every experiment folder holds ``config.json`` (the full config and its fingerprint), ``results.json``
-(every finished unit) and a ``.lock`` held by its one writer. :func:`open_folder` takes the lock and
+(every finished unit) and a ``.lock`` held by its one writer. `open_folder` takes the lock and
 either starts a fresh folder or, with ``resume``, checks that every key that changes results matches
 the saved config and returns the saved results.
 

@@ -2,7 +2,7 @@
 
 Two processes writing one folder each keep their own list of finished units and overwrite
 ``results.json`` with it, while their predictions files overwrite each other's: that is how a result
-and the predictions beside it can come from different runs. :class:`FolderLock` makes the second
+and the predictions beside it can come from different runs. `FolderLock` makes the second
 process stop with a line that names the first.
 
 Example:
@@ -29,7 +29,7 @@ class FolderLock:
     """An exclusive ``flock`` on ``folder/.lock`` that records the holder's pid.
 
     A lock file left by a process that died (killed, crashed) holds no ``flock`` any more, so the next
-    run takes it over; a live holder makes :meth:`acquire` raise :class:`FolderLockedError` naming it.
+    run takes it over; a live holder makes `acquire` raise `FolderLockedError` naming it.
 
     Args:
         folder: the output folder (created if missing).
@@ -40,7 +40,7 @@ class FolderLock:
         self._handle = None
 
     def acquire(self) -> FolderLock:
-        """Take the lock or raise :class:`FolderLockedError`; returns ``self``."""
+        """Take the lock or raise `FolderLockedError`; returns ``self``."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
         # "a+" neither truncates the holder's pid before we know we own the lock, nor fails if it exists.
         handle = open(self.path, "a+", encoding="utf-8")  # noqa: SIM115 - held until release()

@@ -1,6 +1,6 @@
 """Backbone loading and per-run model construction: a fresh tagger, its parameter groups, its seed.
 
-The pretrained backbone is loaded once (:class:`Backbone`); every run deep-copies it, adds the top
+The pretrained backbone is loaded once (`Backbone`); every run deep-copies it, adds the top
 adapter if its setting needs one, and re-initialises the classifier from the run's seed.
 """
 

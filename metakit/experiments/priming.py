@@ -1,9 +1,9 @@
 """Priming on the source languages (settings 4–7), with checkpoints that a resumed run continues from.
 
-Meta priming is :func:`metakit.recipes.priming` (Algorithm 1), or :func:`~metakit.recipes.maml_loop_priming`
+Meta priming is `metakit.recipes.priming` (Algorithm 1), or `maml_loop_priming`
 for setting 6; fine-tuning priming (setting 5) trains θp ∪ θa ∪ θh on the same source sentences. With a
 only the adapter and head in the inner loop, each support batch goes through the encoder once, by the
-library's feature reuse (:meth:`Tagger.feature_cut`): exact under every strategy.
+library's feature reuse (`Tagger.feature_cut`): exact under every strategy.
 """
 
 from __future__ import annotations
@@ -65,7 +65,7 @@ def rng_states() -> dict[str, Any]:
 
 
 def set_rng_states(states: Mapping[str, Any]) -> None:
-    """Restore :func:`rng_states`."""
+    """Restore `rng_states`."""
     random.setstate(states["python"])
     np.random.set_state(states["numpy"])
     torch.set_rng_state(states["torch"])
@@ -96,7 +96,7 @@ def prime(
     ``config.checkpoint_every`` steps: the trained tensors, optimizer, schedule, the sampler or shuffle
     position, and the Python, NumPy and torch random states. An existing one is continued from, and
     the result is bit-identical to an uninterrupted run (on CPU, one thread). Meta priming also
-    reports the inner loop's mean adaptation gain on the query sets (see :class:`_MetaPriming`).
+    reports the inner loop's mean adaptation gain on the query sets (see `_MetaPriming`).
 
     Under ``torchrun`` (``ranks``) every rank continues from the same checkpoint; meta priming splits
     each meta-batch across the ranks, fine-tuning priming runs on every rank alike, and rank 0 alone

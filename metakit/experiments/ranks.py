@@ -3,7 +3,7 @@
 ``torchrun --nproc_per_node=N -m metakit.cli ner run ...`` starts N processes that run the same loop:
 
 - every rank loads the data and the model and checks the same (resumed) state;
-- meta priming splits each meta-batch across the ranks (:class:`~metakit.executors.Distributed`,
+- meta priming splits each meta-batch across the ranks (`Distributed`,
   gloo); fine-tuning priming (setting 5, no meta-gradient) runs on every rank alike, so every rank
   holds the same primed model without waiting for one;
 - the fine-tuning units of a (setting, seed) are split across the ranks, target by target
@@ -12,7 +12,7 @@
 - rank 0 alone writes the output folder: the lock, checkpoints, TensorBoard logs, unit files,
   ``results.json`` and the table.
 
-Without ``torchrun`` (no ``WORLD_SIZE`` in the environment) :class:`Ranks` is one process and none of
+Without ``torchrun`` (no ``WORLD_SIZE`` in the environment) `Ranks` is one process and none of
 this applies: a run is exactly what it was.
 """
 

@@ -123,7 +123,7 @@ def _prediction_rows(path: Path) -> list[dict[str, Any]]:
 
 
 def load_predictions(path: Path) -> tuple[list[list[str]], list[list[str]]]:
-    """``(gold, predicted)`` tag sequences from a :func:`save_predictions` file (``.jsonl`` or ``.jsonl.gz``)."""
+    """``(gold, predicted)`` tag sequences from a `save_predictions` file (``.jsonl`` or ``.jsonl.gz``)."""
     rows = [row for row in _prediction_rows(path) if "result" not in row]
     return [row["gold"] for row in rows], [row["predicted"] for row in rows]
 

@@ -12,11 +12,11 @@ Layout of the output folder::
 
 Priming runs once per (setting, seed) and is shared by every target language.
 
-Under ``torchrun`` (:mod:`metakit.experiments.ranks`) every rank runs this loop: meta priming splits
+Under ``torchrun`` (`metakit.experiments.ranks`) every rank runs this loop: meta priming splits
 its meta-batches across the ranks, the units of a (setting, seed) are split target by target, and
 rank 0 alone writes the folder.
 
-One process writes a folder at a time (:class:`~metakit.experiments.lock.FolderLock`). A unit's
+One process writes a folder at a time (`FolderLock`). A unit's
 result and predictions are written together in one file with one rename, and only then added to
 ``results.json``; ``metakit ner verify`` recomputes every F1 from those files.
 """
@@ -63,13 +63,13 @@ DATA_SEED = 0
 
 
 class Experiment:
-    """The priming experiment on one output folder, which it locks until :meth:`close`.
+    """The priming experiment on one output folder, which it locks until `close`.
 
     Args:
         config: what to run.
         out_dir: where results, predictions, logs and checkpoints go.
         resume: continue a folder that already holds results (every key that changes results must match).
-        ranks: the processes of a ``torchrun`` launch (:meth:`Ranks.from_environment`); one by default.
+        ranks: the processes of a ``torchrun`` launch (`Ranks.from_environment`); one by default.
 
     Example:
         >>> with Experiment(load_config("tiny"), "runs/tiny") as experiment:  # doctest: +SKIP

@@ -1,10 +1,10 @@
 """The token tagger of the priming experiment, and its shortcut through cached encoder features.
 
 ``logits = h(g(f(x; θp); θa); θh)``: ``f`` is the encoder, ``g`` the single adapter on top of it
-(:func:`metakit.peft.add_top_adapter`), ``h`` the classifier. When only ``g`` and ``h`` change, the
+(`metakit.peft.add_top_adapter`), ``h`` the classifier. When only ``g`` and ``h`` change, the
 encoder's output for a batch is the same at every step. Meta priming's inner loop then uses the
-library's feature reuse (:meth:`Tagger.feature_cut`, a :class:`metakit.Cut`), exact under every
-strategy; adapter and head tuning on a frozen encoder run on :meth:`Tagger.features` computed once
+library's feature reuse (`Tagger.feature_cut`, a `metakit.Cut`), exact under every
+strategy; adapter and head tuning on a frozen encoder run on `Tagger.features` computed once
 per sentence (``model(features=..., ...)``).
 """
 
@@ -37,7 +37,7 @@ class Tagger(nn.Module):
     """A ``*ForTokenClassification`` model whose ``forward`` also accepts cached top-of-encoder features.
 
     The wrapped model's children are registered under their own names, so parameter names (and every
-    :class:`~metakit.Spec` built on the wrapped model) are unchanged. ``forward`` returns logits.
+    `Spec` built on the wrapped model) are unchanged. ``forward`` returns logits.
 
     Args:
         model: a Hugging Face token-classification model with ``dropout`` and ``classifier`` children.
@@ -84,7 +84,7 @@ class Tagger(nn.Module):
         labels: torch.Tensor | None = None,
         features: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Logits ``[batch, length, labels]``, from token ids or from :meth:`features` of them."""
+        """Logits ``[batch, length, labels]``, from token ids or from `features` of them."""
         if features is None:
             inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
             if token_type_ids is not None:
@@ -109,7 +109,7 @@ class Tagger(nn.Module):
         return captured[0].detach()
 
     def feature_cut(self, inner: Spec) -> Cut | None:
-        """The library's feature reuse for this tagger (:class:`metakit.Cut`), or ``None``.
+        """The library's feature reuse for this tagger (`metakit.Cut`), or ``None``.
 
         When ``inner`` holds only the top adapter and the classifier, the encoder's output for a batch
         is the same at every inner step: the cut runs it once per batch and only the top in each step.

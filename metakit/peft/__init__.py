@@ -1,6 +1,6 @@
 """Parameter-efficient modules for meta-learning Hugging Face encoders.
 
-Each insertion modifies the model in place and returns the :class:`~metakit.Spec` that selects
+Each insertion modifies the model in place and returns the `Spec` that selects
 exactly what it added, so inner/outer groups are written as spec algebra:
 
 Example:
@@ -14,13 +14,13 @@ Example:
     >>> head_spec(model)
     select('classifier.*')
 
-Models wrapped by the ``peft`` library: :func:`peft_params`. Persisting a task's PE parameters and
-head: :func:`save_pe` / :func:`load_pe`. "Meta-Learning the Difference" (Hou et al., 2022): TARP
-(:func:`add_tarp`, a dynamic low-rank reparameterization) and TAMS (:func:`add_tams`, a DARTS-style
-controller over candidate sublayer structures; :func:`metakit.recipes.tams` wires both).
+Models wrapped by the ``peft`` library: `peft_params`. Persisting a task's PE parameters and
+head: `save_pe` / `load_pe`. "Meta-Learning the Difference" (Hou et al., 2022): TARP
+(`add_tarp`, a dynamic low-rank reparameterization) and TAMS (`add_tams`, a DARTS-style
+controller over candidate sublayer structures; `metakit.recipes.tams` wires both).
 
-Every PE kind declares the parameter names it adds (:class:`PEKind`); :func:`pe_spec` /
-:func:`pe_globs` and :func:`backbone_spec` are built from those declarations.
+Every PE kind declares the parameter names it adds (`PEKind`); `pe_spec` /
+`pe_globs` and `backbone_spec` are built from those declarations.
 """
 
 from metakit.peft.adapters import HoulsbyAdapter, add_houlsby_adapters, add_top_adapter

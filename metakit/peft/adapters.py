@@ -15,7 +15,7 @@ __all__ = ["HoulsbyAdapter", "add_houlsby_adapters", "add_top_adapter"]
 
 
 class HoulsbyAdapter(PEKind):
-    """A bottleneck ``adapter`` on a :class:`PELinear`'s output: ``y + up(act(down(y)))``."""
+    """A bottleneck ``adapter`` on a `PELinear`'s output: ``y + up(act(down(y)))``."""
 
     name = "houlsby"
     param_names = ("adapter",)

@@ -3,7 +3,7 @@
 A BERT-family ``*ForTokenClassification`` or ``*ForSequenceClassification`` model whose inner loop
 adapts only the priming paper's top adapter and/or the task head splits into an encoder the inner
 loop does not change and a small top: ``classifier(dropout([pooler](top_adapter(h))))``.
-:func:`feature_cut` returns that :class:`~metakit.reuse.Cut`; the recipes use it automatically.
+`feature_cut` returns that `Cut`; the recipes use it automatically.
 """
 
 from __future__ import annotations

@@ -2,15 +2,15 @@
 
 ``export_peft(model, path)`` writes ``adapter_config.json`` and ``adapter_model.safetensors``, so
 ``peft.PeftModel.from_pretrained(base, path)`` loads them. It handles metakit's own LoRA
-(:func:`~metakit.peft.add_lora`) and models wrapped by ``peft`` itself.
+(`add_lora`) and models wrapped by ``peft`` itself.
 
 What peft cannot represent: bottleneck adapters. metakit's Houlsby adapters
-(:func:`~metakit.peft.add_houlsby_adapters`) and the priming paper's top adapter
-(:func:`~metakit.peft.add_top_adapter`) are ``x + up(act(down(x)))`` blocks inserted after a
+(`add_houlsby_adapters`) and the priming paper's top adapter
+(`add_top_adapter`) are ``x + up(act(down(x)))`` blocks inserted after a
 sublayer; peft's tuners re-parameterise existing weights (LoRA and its relatives, IA³, OFT, VeRA, …),
 prepend prompts, tune LayerNorms, or (ShadowPEFT) run a parallel network beside decoder-only models,
-and none of them is a serial nonlinear bottleneck. :func:`export_peft` refuses such a model with a
-clear error; save those with :func:`~metakit.peft.save_pe` instead.
+and none of them is a serial nonlinear bottleneck. `export_peft` refuses such a model with a
+clear error; save those with `save_pe` instead.
 """
 
 from __future__ import annotations
@@ -53,7 +53,7 @@ def export_peft(
     """Save ``model``'s LoRA weights (and optionally its head) as a ``peft`` adapter directory.
 
     Args:
-        model: a model with metakit LoRA (:func:`~metakit.peft.add_lora`), or a ``peft.PeftModel``.
+        model: a model with metakit LoRA (`add_lora`), or a ``peft.PeftModel``.
         path: the directory to write (created if missing).
         params: values to save instead of the model's own, by parameter name, e.g. the adapted
             params that ``learner.adapt(task)`` returns; names not in it are read from the model.

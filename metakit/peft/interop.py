@@ -55,7 +55,7 @@ def peft_params(model: nn.Module, adapter_name: str | None = None) -> Spec:
 
     Returns:
         A spec such as ``select('*.lora_A.default.*', '*.lora_B.default.*')``, exact for this model.
-        The head's trained copy (``modules_to_save``) is not included: add :func:`head_spec`.
+        The head's trained copy (``modules_to_save``) is not included: add `head_spec`.
 
     Raises:
         ValueError: the model has no peft tuner layer, or none with that adapter.

@@ -48,7 +48,7 @@ def save_pe(
 
 
 def load_pe(path: str | os.PathLike, model: nn.Module) -> list[str]:
-    """Copy the tensors saved by :func:`save_pe` into ``model``'s parameters, in place.
+    """Copy the tensors saved by `save_pe` into ``model``'s parameters, in place.
 
     The model must already have the same PE modules inserted (call ``add_houlsby_adapters`` etc. with
     the same settings first). Every saved name must exist with the same shape.

@@ -2,8 +2,8 @@
 
 A kind is a small class, like peft's tuner layers with their ``adapter_layer_names``: it names the
 attributes it adds to the layer it modifies (``param_names``) and says how it changes that layer's
-output (:meth:`PEKind.apply`). Declaring a subclass registers it, and every spec that must tell PE
-parameters from the backbone (:func:`pe_spec`, :func:`metakit.peft.backbone_spec`) is built from the
+output (`PEKind.apply`). Declaring a subclass registers it, and every spec that must tell PE
+parameters from the backbone (`pe_spec`, `metakit.peft.backbone_spec`) is built from the
 registry, so a new PE kind is one new module and cannot be silently counted as backbone.
 
 Example:
@@ -61,7 +61,7 @@ class PEKind:
         param_names: attribute names this kind adds to the module it modifies: parameters (LoRA's
             ``lora_A``) or submodules (the Houlsby ``adapter``). Every parameter whose dotted name has
             one of them as a segment is a PE parameter, never backbone or head.
-        stage: where :class:`~metakit.peft.modules.PELinear` applies it (``REPARAMETERIZE``, ``MIX``,
+        stage: where `PELinear` applies it (``REPARAMETERIZE``, ``MIX``,
             ``OUTPUT``); only kinds hosted by ``PELinear`` use it.
     """
 

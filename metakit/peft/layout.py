@@ -138,7 +138,7 @@ def head_spec(model: nn.Module) -> Spec:
 def backbone_spec(model: nn.Module) -> Spec:
     """The pretrained backbone: parameters under the backbone module that no PE kind added.
 
-    What a PE kind adds is read from the kinds' own declarations (:func:`metakit.peft.pe_globs`).
+    What a PE kind adds is read from the kinds' own declarations (`metakit.peft.pe_globs`).
     """
     layout = find_layout(model)
     inside = select(f"{layout.backbone}.*") if layout.backbone else select("*")

@@ -22,7 +22,7 @@ DEFAULT_LORA_TARGETS = ("*.query", "*.value")
 
 
 class LoRA(PEKind):
-    """``y + scale · B A dropout(x)`` on a :class:`PELinear`; ``lora_A [r, in]``, ``lora_B [out, r]``."""
+    """``y + scale · B A dropout(x)`` on a `PELinear`; ``lora_A [r, in]``, ``lora_B [out, r]``."""
 
     name = "lora"
     param_names = ("lora_A", "lora_B")

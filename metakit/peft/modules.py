@@ -3,9 +3,9 @@
 Every insertion keeps the original parameters under their original names: a wrapped
 ``nn.Linear`` or ``nn.LayerNorm`` is replaced by a subclass that holds the *same* ``Parameter``
 objects plus the new ones as children or attributes. Nothing lives outside modules and no hook
-captures a tensor, so ``torch.func.functional_call`` (and :func:`metakit.bind`) can swap any of
+captures a tensor, so ``torch.func.functional_call`` (and `metakit.bind`) can swap any of
 them, old or new. Which attributes hold PE parameters is declared by the kinds
-(:mod:`metakit.peft.kinds`), not here.
+(`metakit.peft.kinds`), not here.
 """
 
 from __future__ import annotations
@@ -62,11 +62,11 @@ class BottleneckAdapter(nn.Module):
 class PELinear(nn.Linear):
     """An ``nn.Linear`` that carries PE kinds (LoRA, a Houlsby adapter, TARP, a TAMS mixture, ...).
 
-    ``y = k_n(…k_1(W x + b))``: each kind in :attr:`pe_stack` maps ``(layer, x, y)`` to a new output,
+    ``y = k_n(…k_1(W x + b))``: each kind in `pe_stack` maps ``(layer, x, y)`` to a new output,
     ordered by stage (reparameterizations of ``W x``, then a TAMS mixture, then output transforms), so
     LoRA and TARP act inside a Houlsby adapter. The kinds' parameters are attributes of this layer
     named by their ``param_names`` (``lora_A``, ``adapter``, ``tarp``, ...); an absent one reads as
-    ``None``. Built with :meth:`wrap`, which reuses the original ``weight`` and ``bias`` tensors, so
+    ``None``. Built with `wrap`, which reuses the original ``weight`` and ``bias`` tensors, so
     their names in the model do not change (``...dense.weight`` stays ``...dense.weight``).
     """
 
@@ -74,7 +74,7 @@ class PELinear(nn.Linear):
 
     @classmethod
     def wrap(cls, linear: nn.Linear) -> PELinear:
-        """Return ``linear`` as a :class:`PELinear` sharing its parameters (itself if it is one)."""
+        """Return ``linear`` as a `PELinear` sharing its parameters (itself if it is one)."""
         if isinstance(linear, PELinear):
             return linear
         new = cls.__new__(cls)
@@ -116,7 +116,7 @@ class PELinear(nn.Linear):
 
 
 class TopAdapter(PEKind):
-    """The priming paper's adapter on top of the encoder, hosted by :class:`AdaptedLayerNorm`."""
+    """The priming paper's adapter on top of the encoder, hosted by `AdaptedLayerNorm`."""
 
     name = "top_adapter"
     param_names = ("top_adapter",)

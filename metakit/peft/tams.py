@@ -8,8 +8,8 @@ candidate structures ``o ∈ O`` and runs their continuous relaxation (Liu et al
 
 The ``α`` are outer-only parameters: they are not updated in the inner loop, and their
 meta-gradient flows through the adapted parameters, ``∇α L_query(θ'(α), α)`` with ``θ' = θ - η
-∇θ L_support(θ, α)`` (paper, Eq. 6; exact under :class:`metakit.SecondOrder`, the direct term only
-under :class:`metakit.FirstOrder`). After meta-training, :meth:`TamsController.discretize` keeps the
+∇θ L_support(θ, α)`` (paper, Eq. 6; exact under `metakit.SecondOrder`, the direct term only
+under `metakit.FirstOrder`). After meta-training, `TamsController.discretize` keeps the
 argmax candidate ``o*ℓ = argmax_o αℓ,o`` of every sublayer and drops the others.
 
 Source note: written from the paper's abstract and published summaries (the full text was not
@@ -21,14 +21,14 @@ Candidates (``CANDIDATES``), each the sublayer's output given its input ``x`` an
 ``y⁰ = W⁰x + b``:
 
 - ``"frozen"``: ``y⁰``, the pretrained sublayer, not adapted;
-- ``"tarp"``: ``y⁰ + (W(x) - W⁰) x``, TARP (:mod:`metakit.peft.tarp`);
+- ``"tarp"``: ``y⁰ + (W(x) - W⁰) x``, TARP (`metakit.peft.tarp`);
 - ``"adapter"``: ``y⁰ + up(act(down(y⁰)))``, a Houlsby bottleneck adapter;
 - ``"skip"``: ``0``, the sublayer removed (its residual branch carries the input alone).
 
 Choices the paper leaves open, made here: the candidate set above (default ``frozen, tarp,
 adapter``, which keeps the model near-identity at insertion; ``skip`` is opt-in because a uniform
 mixture with it scales the sublayer's output); one ``α`` vector per controlled sublayer,
-initialised to zero (uniform weights); ties in :meth:`~TamsController.discretize` go to the first
+initialised to zero (uniform weights); ties in `discretize` go to the first
 candidate in the list.
 
 Example:
@@ -74,7 +74,7 @@ DEFAULT_TAMS_CANDIDATES = ("frozen", "tarp", "adapter")
 
 
 class TAMS(PEKind):
-    """The relaxed mixture of candidate structures on a :class:`PELinear` (``tams_alpha``, Eq. 5)."""
+    """The relaxed mixture of candidate structures on a `PELinear` (``tams_alpha``, Eq. 5)."""
 
     name = "tams"
     param_names = ("tams_alpha",)
@@ -97,13 +97,13 @@ class TAMS(PEKind):
 
 @dataclass
 class TamsController:
-    """The architecture controller :func:`add_tams` returns: its specs, weights and :meth:`discretize`.
+    """The architecture controller `add_tams` returns: its specs, weights and `discretize`.
 
     Attributes:
         layers: dotted names of the controlled sublayers.
         candidates: the candidate structures, in the order of each ``tams_alpha``.
         arch: the spec of the architecture weights (outer-only).
-        tarp: the :class:`TarpSpecs` of the ``"tarp"`` candidates (``None`` without that candidate).
+        tarp: the `TarpSpecs` of the ``"tarp"`` candidates (``None`` without that candidate).
         adapters: the spec of the ``"adapter"`` candidates' parameters (``None`` without it).
     """
 
@@ -234,12 +234,12 @@ def add_tams(
         model: modified in place; original parameter names do not change.
         candidates: names from ``CANDIDATES`` (``"frozen"``, ``"tarp"``, ``"adapter"``, ``"skip"``).
         targets: globs over linear-layer names; default: each layer's attention-output and
-            feed-forward-output projections (found by :func:`~metakit.peft.find_layout`).
+            feed-forward-output projections (found by `find_layout`).
         rank: rank of the ``"tarp"`` candidates.
         bottleneck, activation, init_std: the ``"adapter"`` candidates' settings.
 
     Returns:
-        The :class:`TamsController`: ``.arch`` (outer-only ``α``), ``.inner``, ``.outer``,
+        The `TamsController`: ``.arch`` (outer-only ``α``), ``.inner``, ``.outer``,
         ``.discretize()``.
     """
     names = _check_candidates(candidates)

@@ -23,7 +23,7 @@ Choices the paper leaves open, made here (listed in the report):
 - **Which factors adapt.** The output-side factors ``Uⁱ`` (``tarp.task_mul``, ``tarp.task_add``) are
   the *task-adaptive* factors, updated in the inner loop; the input-side factors ``Vⁱ``
   (``tarp.shared_mul``, ``tarp.shared_add``) are *shared* across tasks and meta-learned, and so is the
-  diagonal's generator (``tarp.diag``): :class:`TarpSpecs` ``.inner`` / ``.outer``.
+  diagonal's generator (``tarp.diag``): `TarpSpecs` ``.inner`` / ``.outer``.
 - **The generator.** ``σ(x) = 1 + tanh(G x + c)`` per token (``G ∈ R^{2r×in}``, ``c`` zero-initialised,
   so ``Σ = I`` at insertion and stays in ``(0, 2)``). Per token rather than pooled over the sequence,
   so a causal language model never sees later tokens through ``Σ``.
@@ -101,7 +101,7 @@ class TarpFactors(nn.Module):
 
 
 class TARP(PEKind):
-    """TARP on a :class:`PELinear`: ``y + (W(x) - W⁰) x`` (Eqs. 2-3 of Hou et al.)."""
+    """TARP on a `PELinear`: ``y + (W(x) - W⁰) x`` (Eqs. 2-3 of Hou et al.)."""
 
     name = "tarp"
     param_names = ("tarp",)
@@ -128,7 +128,7 @@ class TARP(PEKind):
 
 @dataclass(frozen=True)
 class TarpSpecs:
-    """The specs of what :func:`add_tarp` added, split as the paper assigns them.
+    """The specs of what `add_tarp` added, split as the paper assigns them.
 
     Attributes:
         inner: the task-adaptive factors ``U¹, U²`` (``*.tarp.task_mul``, ``*.tarp.task_add``).
@@ -165,7 +165,7 @@ def add_tarp(
         targets: ``fnmatch`` globs over module names (``*`` crosses dots); each must match a linear layer.
 
     Returns:
-        :class:`TarpSpecs` with ``.inner`` (task-adaptive factors), ``.outer`` (shared factors and the
+        `TarpSpecs` with ``.inner`` (task-adaptive factors), ``.outer`` (shared factors and the
         diagonal's generator) and ``.all``.
 
     Example:
@@ -188,7 +188,7 @@ def add_tarp(
 
 
 def tarp_specs(model: nn.Module, layers: Sequence[str]) -> TarpSpecs:
-    """The :class:`TarpSpecs` of the TARP factors on ``layers`` (short globs when they are exact)."""
+    """The `TarpSpecs` of the TARP factors on ``layers`` (short globs when they are exact)."""
     inner = exact_spec(
         model, [f"{n}.{t}" for n in layers for t in TASK_FACTORS], *(f"*.{t}" for t in TASK_FACTORS)
     )

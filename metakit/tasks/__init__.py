@@ -1,7 +1,7 @@
 """Task samplers of the core: sine regression (MAML's classic), with its MLP and loss.
 
 The experiments' data sets — cross-lingual NER on WikiAnn, the LEOPARD target tasks, the GLUE-style
-meta-training pool, N-way k-shot episodes — live in :mod:`metakit.experiments.data` (the
+meta-training pool, N-way k-shot episodes — live in `metakit.experiments.data` (the
 ``experiments`` extra). Their old names here still work for one release, with a ``DeprecationWarning``.
 """
 

@@ -60,7 +60,7 @@ def sine_mlp(hidden: int = 40, depth: int = 2, activation: str = "relu") -> nn.S
     """The 1-40-40-1 ReLU MLP of MAML's sinusoid experiment.
 
     ``activation="tanh"`` gives a smooth network, whose inner problem gradient descent can solve to a
-    tolerance (what :class:`~metakit.Implicit` needs; ReLU kinks stall it).
+    tolerance (what `Implicit` needs; ReLU kinks stall it).
     """
     if activation not in _ACTIVATIONS:
         raise ValueError(

@@ -2,7 +2,7 @@
 official k-shot episodes, the GLUE-style meta-training pool, N-way k-shot episodes, and entity F1.
 
 Each data set is found from an explicit path, an environment variable, the Hugging Face hub where it
-is there, and last the development folder beside the repository (:mod:`metakit.experiments.data.locate`).
+is there, and last the development folder beside the repository (`metakit.experiments.data.locate`).
 """
 
 from metakit.experiments.data.episodes import Episode, FewShotSampler

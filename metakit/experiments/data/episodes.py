@@ -3,7 +3,7 @@
 An episode picks a task, then ``N`` of its classes (``N`` ≤ its label count), then ``k`` support and
 ``q`` query examples per class, without overlap. Labels are renumbered ``0..N-1`` in the order the
 classes were drawn, so tasks with different label sets feed one learner (with a prototype head,
-:mod:`metakit.prototype`).
+`metakit.prototype`).
 
 Example:
     >>> sampler = FewShotSampler(load_glue_meta_pool(), n_way=2, k_shot=8, q_query=8, seed=0)  # doctest: +SKIP
@@ -67,7 +67,7 @@ class FewShotSampler:
         n_way: classes per episode; ``None`` uses every class of the drawn task. An int must not exceed
             any task's label count (checked here; the error names the task).
         k_shot, q_query: support and query examples per class.
-        seed: the episodes are a function of the seed and the number of calls to :meth:`sample`.
+        seed: the episodes are a function of the seed and the number of calls to `sample`.
     """
 
     def __init__(

@@ -2,7 +2,7 @@
 
 Read from local JSON files (``../shared/data/glue-meta/<TASK>/{train,dev}.json``, each an object mapping
 an id to ``{"text_a", "text_b" or null, "label"}``). Labels become strings (some files store ints), so
-every pool task has the same features as the LEOPARD tasks (:func:`metakit.experiments.data.leopard.text_features`).
+every pool task has the same features as the LEOPARD tasks (`metakit.experiments.data.leopard.text_features`).
 
 Example:
     >>> pool = load_glue_meta_pool(split="train")  # doctest: +SKIP

@@ -46,7 +46,7 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-#: ``../shared/data/leopard`` beside the repository root: the last place :func:`locate` looks.
+#: ``../shared/data/leopard`` beside the repository root: the last place `locate` looks.
 DEFAULT_LEOPARD_DIR = str(development_folder("leopard"))
 LEOPARD_SHOTS = (4, 8, 16)
 LEOPARD_EPISODES = 10
@@ -168,7 +168,7 @@ def load_leopard_episode(
     """The official training episode ``episode`` of ``task`` with ``k`` examples per class.
 
     Raises:
-        EmptyEpisodeError: the file holds no example (skip that episode; see :func:`leopard_episodes`).
+        EmptyEpisodeError: the file holds no example (skip that episode; see `leopard_episodes`).
     """
     spec = _task(task)
     _check_shots(k, episode)

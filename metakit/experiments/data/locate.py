@@ -4,7 +4,7 @@ In that order. The development folder is ``../shared/data/<name>`` beside the re
 exists only in metakit's own development layout; a user points metakit at their copy with a flag or
 an argument, or once with ``METAKIT_DATA=/path/to/folder`` (a folder holding ``wikiann/``,
 ``leopard/``, ``glue-meta/``). The hub is asked only for the data sets it serves (WikiAnn) and not
-when ``HF_HUB_OFFLINE=1``. A data set found nowhere raises :class:`DataNotFoundError`, one line
+when ``HF_HUB_OFFLINE=1``. A data set found nowhere raises `DataNotFoundError`, one line
 listing what was tried.
 """
 

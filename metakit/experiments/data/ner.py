@@ -62,7 +62,7 @@ def encode_ner(dataset: Dataset, tokenizer: PreTrainedTokenizerBase, max_length:
     Adds ``input_ids``, ``attention_mask`` (and ``token_type_ids`` if the tokenizer makes them),
     ``labels``, ``word_index`` (the word each labelled position starts, ``-1`` elsewhere) and
     ``n_words_kept`` (words that fit in ``max_length``; fewer than ``len(tokens)`` means truncated).
-    Count truncated sentences with :func:`truncated_count`.
+    Count truncated sentences with `truncated_count`.
     """
     if not getattr(tokenizer, "is_fast", False):
         raise TypeError(
@@ -89,7 +89,7 @@ def encode_ner(dataset: Dataset, tokenizer: PreTrainedTokenizerBase, max_length:
 
 
 def truncated_count(encoded: Dataset) -> int:
-    """How many sentences of an :func:`encode_ner` dataset lost words to ``max_length``."""
+    """How many sentences of an `encode_ner` dataset lost words to ``max_length``."""
     return sum(
         kept < len(tokens) for kept, tokens in zip(encoded["n_words_kept"], encoded["tokens"], strict=True)
     )
@@ -127,7 +127,7 @@ class EpisodeSampler:
     """Makes meta-batches of ``Task(support, query)``: one task per language, disjoint support and query.
 
     Args:
-        languages: ``{lang: encoded dataset}`` (from :func:`encode_ner`), e.g. the source languages.
+        languages: ``{lang: encoded dataset}`` (from `encode_ner`), e.g. the source languages.
         tokenizer: the tokenizer the datasets were encoded with (for padding).
         support_size: sentences in a support batch.
         query_size: sentences in a query batch.
@@ -171,5 +171,5 @@ class EpisodeSampler:
         return {"random": self._random.getstate()}
 
     def load_state_dict(self, state: dict) -> None:
-        """Restore :meth:`state_dict`, so a resumed run draws the same episodes."""
+        """Restore `state_dict`, so a resumed run draws the same episodes."""
         self._random.setstate(state["random"])

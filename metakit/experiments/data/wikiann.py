@@ -3,7 +3,7 @@
 Local files use the Rahimi/XTREME (PAN-X) layout: ``{split}-{lang}.tsv`` with one ``token<TAB>tag`` per
 line (XTREME) or ``lang:token<TAB>tag`` (Rahimi's tarballs), a blank line between sentences. Both give
 the hub dataset's features: ``tokens`` (strings) and ``ner_tags`` (a ``ClassLabel`` over
-:data:`WIKIANN_LABELS`).
+`WIKIANN_LABELS`).
 
 Example:
     >>> train = load_wikiann("hi", "train", data_dir="../shared/data/wikiann")  # doctest: +SKIP
@@ -78,7 +78,7 @@ def read_wikiann_tsv(path: str | os.PathLike, lang: str | None = None) -> Iterat
 
     When ``lang`` is given and the file's first token starts with ``lang:`` (Rahimi's layout), that
     prefix is stripped from every token; XTREME files are read as they are. Tags outside
-    :data:`WIKIANN_LABELS` raise a ``ValueError`` naming the file and line.
+    `WIKIANN_LABELS` raise a ``ValueError`` naming the file and line.
     """
     label_id = {name: i for i, name in enumerate(WIKIANN_LABELS)}
     prefix = f"{lang}:" if lang else None
@@ -140,14 +140,14 @@ def load_wikiann(
     max_sentences: int | None = None,
     seed: int = 0,
 ) -> Dataset:
-    """Load one language and split of WikiAnn as a ``datasets.Dataset`` with :func:`wikiann_features`.
+    """Load one language and split of WikiAnn as a ``datasets.Dataset`` with `wikiann_features`.
 
     Args:
         lang: language code (``"en"``, ``"hi"``, ...), the hub's config name.
         split: ``"train"``, ``"dev"`` (alias ``"validation"``) or ``"test"``.
         data_dir: folder of ``{split}-{lang}.tsv`` files; ``None`` looks in ``$METAKIT_DATA/wikiann``,
             then loads ``unimelb-nlp/wikiann`` from the hub, then the development folder
-            (:func:`~metakit.experiments.data.locate.locate`).
+            (`locate`).
         max_sentences: keep a seeded random subset of this many sentences (``None``: all).
         seed: seed of that subset.
     """

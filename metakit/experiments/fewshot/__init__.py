@@ -2,24 +2,24 @@
 
 A unit is ``(setting, task, k, episode)``. The parts, each a module:
 
-- :mod:`.config`: :class:`FewShotConfig`, :data:`FEWSHOT_PRESETS` (``paper``, ``cpu``, ``cpu-quick``,
-  ``tiny``), :func:`load_fewshot_config` (preset → TOML/YAML file → overrides, strict keys, the shared
-  :func:`metakit.experiments.config.read_config_file`), ``fingerprint()`` over every key but the
+- `.config`: `FewShotConfig`, `FEWSHOT_PRESETS` (``paper``, ``cpu``, ``cpu-quick``,
+  ``tiny``), `load_fewshot_config` (preset → TOML/YAML file → overrides, strict keys, the shared
+  `metakit.experiments.config.read_config_file`), ``fingerprint()`` over every key but the
   selection (``settings``, ``tasks``, ``shots``, ``episodes``) for exact resume.
-- :mod:`.settings`: :data:`FEWSHOT_SETTINGS`, (a) ``full``, (b) ``head``, (c) ``adapters``,
+- `.settings`: `FEWSHOT_SETTINGS`, (a) ``full``, (b) ``head``, (c) ``adapters``,
   (d) ``meta_adapters``, (e) ``priming``, (f1) ``lora``, (f2) ``meta_lora``, (g1) ``meta_tarp``,
   (g2) ``meta_tams`` (issue 15: TARP, TARP+TAMS).
-- :mod:`.unit`: :func:`run_unit` (a pure function of the config and the unit, returning a JSON-ready
-  dict with predictions), :class:`FewShotResources` (what units share: encoder, data, the frozen
+- `.unit`: `run_unit` (a pure function of the config and the unit, returning a JSON-ready
+  dict with predictions), `FewShotResources` (what units share: encoder, data, the frozen
   encoder's test encodings, meta-trained weights — checkpointed as ``meta-{setting}.pt`` in its
-  ``checkpoint_dir``), :func:`fewshot_units` (the units a config selects, empty upstream episodes left out).
-- :mod:`.meta`: meta-training on the pool; :mod:`.tune`: fine-tuning on an episode and prediction;
-  :mod:`.hparams`: fine-tuning learning rates chosen on the pool's dev sets; :mod:`.report`: per-task
+  ``checkpoint_dir``), `fewshot_units` (the units a config selects, empty upstream episodes left out).
+- `.meta`: meta-training on the pool; `.tune`: fine-tuning on an episode and prediction;
+  `.hparams`: fine-tuning learning rates chosen on the pool's dev sets; `.report`: per-task
   mean ± std tables and paired comparisons.
 
-- :mod:`.runner`: :class:`~.runner.FewShotExperiment`, the output folder (``metakit fewshot run``)
-  on the machinery it shares with ``metakit ner``; :mod:`.verify` (``metakit fewshot verify``);
-  :mod:`.cli` (the subcommand).
+- `.runner`: `FewShotExperiment`, the output folder (``metakit fewshot run``)
+  on the machinery it shares with ``metakit ner``; `.verify` (``metakit fewshot verify``);
+  `.cli` (the subcommand).
 
 Plugging into a runner: for each unit of ``fewshot_units(config, resources)`` not yet in the results,
 call ``run_unit(config, *unit, resources=resources)`` and store the dict (predictions may go to their

@@ -1,6 +1,6 @@
 """The few-shot experiment's configuration: one flat dataclass, named presets, strict keys.
 
-Config files are read with :func:`metakit.experiments.config.read_config_file` (TOML or YAML, a
+Config files are read with `metakit.experiments.config.read_config_file` (TOML or YAML, a
 ``preset`` key names the preset they start from), exactly as for the priming experiment.
 
 Example:
@@ -64,7 +64,7 @@ class FewShotConfig:
         searches give a rate of their own.
     Fine-tuning on an episode's support set:
         ft_steps (AdamW steps, linear decay), ft_batch_size, ft_lr_full, ft_lr_head, ft_lr_pe; chosen on
-        the pool's dev sets by :func:`metakit.experiments.fewshot.hparams.choose_finetune_lrs` from
+        the pool's dev sets by `metakit.experiments.fewshot.hparams.choose_finetune_lrs` from
         hp_grid (candidate learning rates per kind of tuning), on hp_tasks (``None``: every pool task),
         hp_episodes simulated hp_k-shot episodes per task, hp_dev_examples dev examples per task.
     Other: seed (meta-training, initialisation), eval_batch_size, threads (0: torch's default).

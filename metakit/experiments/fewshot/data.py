@@ -43,7 +43,7 @@ def episode_batch(
     prefix: str = "",
     support: PrototypeBatch | None = None,
 ) -> PrototypeBatch:
-    """A :class:`~metakit.prototype.PrototypeBatch` of every row of ``data`` (needs a ``label_id`` column)."""
+    """A `PrototypeBatch` of every row of ``data`` (needs a ``label_id`` column)."""
     inputs = encode_texts(tokenizer, data["text_a"], data["text_b"], max_length, prefix)
     labels = torch.tensor(data["label_id"], dtype=torch.long)
     n = support.n_classes if support is not None else int(labels.max()) + 1

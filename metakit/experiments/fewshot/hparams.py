@@ -3,7 +3,7 @@
 For each kind of tuning (``full`` encoder, ``head`` only, ``pe`` modules) and each candidate rate of
 ``config.hp_grid``, simulated few-shot episodes are run on pool tasks: a seeded k-shot support set from
 the task's *train* split (all its classes), fine-tuned with the unit's own procedure
-(:func:`~metakit.experiments.fewshot.unit.evaluate_episode`, from the untouched encoder; ``pe`` uses
+(`evaluate_episode`, from the untouched encoder; ``pe`` uses
 Houlsby adapters from scratch), and scored on a stratified subsample of the task's *dev* split. The rate
 with the best mean accuracy over tasks × episodes wins (ties: the smaller rate).
 

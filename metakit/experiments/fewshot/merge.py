@@ -3,7 +3,7 @@
 The ``cpu`` preset runs on one thread, so a 2-core machine can run two invocations at once, each on
 its own folder with its own ``--settings`` (or ``--tasks``). Every unit is a pure function of the
 config and the meta-trained weights, so units from folders whose result-changing keys are equal belong
-in one table. :func:`merge_folders` checks that, refuses a unit present twice, copies the unit files,
+in one table. `merge_folders` checks that, refuses a unit present twice, copies the unit files,
 TensorBoard logs and checkpoints, and writes the merged ``config.json``, ``results.json`` and
 ``table.md``; ``metakit fewshot verify`` then checks the merged folder as any other.
 

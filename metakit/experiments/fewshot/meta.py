@@ -1,11 +1,11 @@
 """Meta-training on the GLUE-style pool: Meta-Adapters (settings d, f2, g1, g2) and priming (setting e).
 
 Every episode is an N-way k-shot task from one pool dataset, its head started from the support set's
-prototypes (:mod:`metakit.prototype`). Meta-Adapters use :func:`metakit.recipes.meta_adapters` (inner:
+prototypes (`metakit.prototype`). Meta-Adapters use `metakit.recipes.meta_adapters` (inner:
 PE modules + head; outer: PE modules; backbone frozen), TARP (g1: inner = task factors + head; outer
-= task factors' start + shared factors + generator) and TARP+TAMS (g2, :func:`metakit.recipes.tams`:
+= task factors' start + shared factors + generator) and TARP+TAMS (g2, `metakit.recipes.tams`:
 inner = candidates' task parameters + head; outer = those + TARP's shared parts + architecture
-weights), all with the same budget; priming uses :func:`metakit.recipes.priming`
+weights), all with the same budget; priming uses `metakit.recipes.priming`
 (inner: PE modules + head; outer: backbone + PE modules; first order, Algorithm 1). The head's offset is
 reset to zero after every meta-step: tasks have different label sets, so no head value carries over.
 """
@@ -47,7 +47,7 @@ def pool_task(
     prefix: str = "",
     device: str | torch.device = "cpu",
 ) -> Task:
-    """A :class:`~metakit.Task` of an :class:`~metakit.experiments.data.episodes.Episode`, prototype head and loss."""
+    """A `Task` of an `Episode`, prototype head and loss."""
     support = episode_batch(tokenizer, episode.support, max_length, prefix)
     support.n_classes = episode.n_way
     query = episode_batch(tokenizer, episode.query, max_length, prefix, support=support)

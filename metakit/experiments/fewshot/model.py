@@ -1,6 +1,6 @@
 """The few-shot model: a pretrained encoder (loaded once), copied per run with its PE modules and head.
 
-Parameter groups of a run's :class:`~metakit.prototype.PrototypeClassifier`: ``backbone`` (the encoder's
+Parameter groups of a run's `PrototypeClassifier`: ``backbone`` (the encoder's
 own weights less what stays frozen), ``pe`` (Houlsby adapters, LoRA, TARP's task factors or TAMS's
 task-adaptive candidates, if the setting has them), ``pe_outer`` (TARP's shared factors and generator,
 TAMS's architecture weights), ``head`` (the prototype head's offset) and ``frozen`` (the word embeddings
@@ -43,7 +43,7 @@ class FewShotGroups:
     #: Outer-only PE parameters (TARP's shared factors and generator, TAMS's architecture weights):
     #: meta-learned, never tuned on an episode.
     pe_outer: Spec | None = None
-    #: The TAMS controller (setting ``meta_tams``), to :meth:`~metakit.peft.TamsController.discretize`.
+    #: The TAMS controller (setting ``meta_tams``), to `discretize`.
     controller: TamsController | None = None
 
     @property
@@ -67,7 +67,7 @@ def tiny_encoder(vocab_size: int, hidden: int = 32, layers: int = 2, seed: int =
 
 
 class FewShotBackbone:
-    """A pretrained encoder and its tokenizer, loaded once; :meth:`build` makes a run's model.
+    """A pretrained encoder and its tokenizer, loaded once; `build` makes a run's model.
 
     Args:
         config: ``model``, ``bottleneck``, ``lora_rank``, ``lora_alpha``, ``head_init``, ``max_classes``,

@@ -1,6 +1,6 @@
 """Tables of few-shot results: mean ± std over episodes per task, and paired comparisons of settings.
 
-Both read the unit dicts :func:`~metakit.experiments.fewshot.unit.run_unit` returns.
+Both read the unit dicts `run_unit` returns.
 
 Example:
     >>> print(fewshot_table(units, metric="accuracy"))  # doctest: +SKIP

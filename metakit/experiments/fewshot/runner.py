@@ -1,6 +1,6 @@
 """Runs the units of the few-shot experiment — (setting, task, k, episode) — and keeps the output folder current.
 
-Layout of the output folder (the same machinery as ``metakit ner``: :func:`~metakit.experiments.folder.open_folder`)::
+Layout of the output folder (the same machinery as ``metakit ner``: `open_folder`)::
 
     config.json          the full config and its fingerprint (a resumed run must match it)
     results.json         every finished unit (accuracy, macro-F1, timings), meta-training logs, skipped episodes
@@ -51,7 +51,7 @@ def unit_path(setting: str, task: str, k: int, episode: int) -> str:
 
 
 class FewShotExperiment:
-    """The few-shot experiment on one output folder, which it locks until :meth:`close`.
+    """The few-shot experiment on one output folder, which it locks until `close`.
 
     Args:
         config: what to run.

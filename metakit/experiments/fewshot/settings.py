@@ -21,7 +21,7 @@ class FewShotSetting:
         letter: the issue's label, (a)–(f).
         label: a readable name.
         pe: the parameter-efficient modules the model carries: ``"houlsby"``, ``"lora"``, ``"tarp"``
-            (:func:`metakit.peft.add_tarp`), ``"tams"`` (:func:`metakit.peft.add_tams`: a TAMS controller
+            (`metakit.peft.add_tarp`), ``"tams"`` (`metakit.peft.add_tams`: a TAMS controller
             over frozen / TARP / adapter sublayers, discretized before fine-tuning) or ``None``.
         meta: what runs on the meta-training pool first: ``"meta_adapters"`` (the PE modules meta-learned
             with the backbone frozen), ``"priming"`` (Algorithm 1: backbone and PE modules primed) or ``None``.

@@ -1,7 +1,7 @@
 """One unit of the few-shot experiment — (setting, task, k, episode) — as a pure function.
 
-:func:`run_unit` fine-tunes a fresh copy of the (meta-trained, if the setting says so) model on the
-episode's support set and scores it on the task's test set. :class:`FewShotResources` loads what units
+`run_unit` fine-tunes a fresh copy of the (meta-trained, if the setting says so) model on the
+episode's support set and scores it on the task's test set. `FewShotResources` loads what units
 share once: the encoder, the data, the test encodings of the frozen encoder, and each setting's
 meta-trained weights (computed on first use, or loaded from / saved to a checkpoint folder).
 
@@ -122,12 +122,12 @@ class FewShotResources:
         self.meta_logs: dict[str, dict[str, Any]] = {}
         self._pool: dict[str, Dataset] | None = None
         self._truncated: dict[str, int] = {}
-        #: ``(task, k, episode)`` of the empty upstream episodes :func:`fewshot_units` skipped.
+        #: ``(task, k, episode)`` of the empty upstream episodes `fewshot_units` skipped.
         self.skipped: list[tuple[str, int, int]] = []
 
     # -- data --------------------------------------------------------------------------------------
     def episode(self, task: str, k: int, episode: int) -> Dataset:
-        """The official training episode (raises :class:`EmptyEpisodeError` for the empty one)."""
+        """The official training episode (raises `EmptyEpisodeError` for the empty one)."""
         key = (task, k, episode)
         if key not in self._episodes:
             try:
@@ -333,7 +333,7 @@ def run_unit(
 
     Args:
         config: the experiment config (learning rates, steps, data, model).
-        setting: a key of :data:`FEWSHOT_SETTINGS` (or the setting itself).
+        setting: a key of `FEWSHOT_SETTINGS` (or the setting itself).
         task, k, episode: the LEOPARD task, shots per class and episode number.
         resources: shared, cached data and models (a fresh one when ``None``).
         device: where the episode's model runs (``"cpu"``; a GPU name on a machine that has one).

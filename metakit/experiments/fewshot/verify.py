@@ -1,8 +1,8 @@
 """``metakit fewshot verify``: recompute every accuracy and macro-F1 of an output folder from its predictions.
 
-The shared :func:`metakit.experiments.verify.verify_folder` walks the units and files; this module adds
+The shared `metakit.experiments.verify.verify_folder` walks the units and files; this module adds
 the few-shot check: sklearn's accuracy and macro-F1 (over the unit's episode classes, test labels the
-episode never shows left out, as :func:`~metakit.experiments.fewshot.unit.score` does).
+episode never shows left out, as `score` does).
 
 Example:
     >>> verify_fewshot_folder("benchmarks/results/fewshot-cpu-quick")  # doctest: +SKIP

@@ -79,7 +79,7 @@ def dequantize_q4_0(raw: bytes | memoryview, rows: int, cols: int) -> np.ndarray
 
 
 class _Cursor:
-    """Bounds-checked little-endian reads over a byte buffer; overruns raise :class:`E5FormatError`."""
+    """Bounds-checked little-endian reads over a byte buffer; overruns raise `E5FormatError`."""
 
     def __init__(self, data: memoryview, path: Path):
         self.data, self.path, self.pos = data, path, 0
