@@ -183,3 +183,29 @@ def test_bench_interrupted_keeps_what_it_measured_and_the_next_run_goes_on(tmp_p
     assert [r["config"]["strategy"] for r in written["records"]] == ["second-order", "first-order"]
     assert written["environment"]["resumed_records"] == 1
     assert not (out / "records.partial.jsonl").exists()
+
+
+def test_a_data_dependent_refusal_comes_before_any_unit_and_the_folder_is_reusable(
+    data_dir,  # noqa: F811
+    tmp_path,
+    capsys,
+):
+    out = tmp_path / "run"
+    for _ in range(2):  # the second run is refused for the same reason, not for the folder the first left
+        assert tiny_run(data_dir, out, "--set", "support_size=1000") == 2
+        assert "an episode needs support_size + query_size = 1004" in one_line(capsys)
+    results = out / "results.json"
+    assert not results.exists() or json.loads(results.read_text())["units"] == []
+
+
+def test_fewshot_refuses_impossible_meta_training_episodes_before_creating_anything(tmp_path, capsys):
+    from metakit.experiments.data.glue_meta import DEFAULT_GLUE_META_DIR
+    from metakit.experiments.data.leopard import DEFAULT_LEOPARD_DIR
+
+    if not (Path(DEFAULT_LEOPARD_DIR).is_dir() and Path(DEFAULT_GLUE_META_DIR).is_dir()):
+        pytest.skip(
+            "the tiny preset reads LEOPARD and the GLUE-style pool, absent from this clone's ../shared/data"
+        )
+    out = tmp_path / "run"
+    assert main(["fewshot", "run", "--preset", "tiny", "--set", "k_shot=500", "--out", str(out)]) == 2
+    assert "(k_shot + q_query)" in one_line(capsys) and not out.exists()

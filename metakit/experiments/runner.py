@@ -224,6 +224,7 @@ class Experiment:
             return self.results
         self.activity = "loading the data and the model"
         self._load_data()
+        self._check_episodes()
         self._pristine: dict[tuple[str, str], list[torch.Tensor]] = {}
         bar = tqdm(
             total=len(units),
@@ -261,6 +262,20 @@ class Experiment:
         if self.ranks.main:
             tqdm.write(f"Finished in {wall:.0f} s; table: {self.out / 'table.md'}")
         return self.results
+
+    def _check_episodes(self) -> None:
+        """Meta priming's episodes must fit the source data: refused before any unit runs (the folder,
+        with no finished unit, is reused by the next run)."""
+        c = self.config
+        if not any(SETTINGS[number].priming in ("meta", "maml_loop") for number in c.settings):
+            return
+        need = c.support_size + c.query_size
+        for lang, encoded in self.sources.items():
+            if len(encoded) < need:
+                raise ValueError(
+                    f"Language {lang!r} has {len(encoded)} sentences; an episode needs support_size + "
+                    f"query_size = {need}. Lower them (--set support_size=...) or raise source_sentences."
+                )
 
     def _note_interrupted(self, began: float, finished: int) -> None:
         if not finished or not self.ranks.main:

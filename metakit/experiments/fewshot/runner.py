@@ -27,12 +27,13 @@ from torch.utils.tensorboard import SummaryWriter
 from tqdm.auto import tqdm
 
 from metakit.experiments.config import differing_keys
+from metakit.experiments.data.episodes import FewShotSampler
 from metakit.experiments.data.glue_meta import load_glue_meta
-from metakit.experiments.data.leopard import leopard_labels
+from metakit.experiments.data.leopard import leopard_labels, stratified_subsample
 from metakit.experiments.fewshot.config import FEWSHOT_SELECTION_KEYS, FewShotConfig
 from metakit.experiments.fewshot.report import render_fewshot_report
 from metakit.experiments.fewshot.settings import FEWSHOT_SETTINGS
-from metakit.experiments.fewshot.unit import FewShotResources, fewshot_units, run_unit
+from metakit.experiments.fewshot.unit import DATA_SEED, FewShotResources, fewshot_units, run_unit
 from metakit.experiments.folder import open_folder
 from metakit.experiments.model import check_model
 from metakit.experiments.report import environment, save_rows, write_json
@@ -94,13 +95,21 @@ class FewShotExperiment:
         for task in c.tasks:
             leopard_labels(task, c.leopard_dir)
         if any(FEWSHOT_SETTINGS[s].meta for s in c.settings):
+            pool = {}
             for task in c.pool_tasks:
-                labels = len(set(load_glue_meta(task, "train", c.pool_dir)["label"]))
+                data = load_glue_meta(task, "train", c.pool_dir)
+                labels = len(set(data["label"]))
                 if c.n_way is not None and c.n_way > labels:
                     raise ValueError(
                         f"n_way={c.n_way} is larger than pool task {task!r}'s {labels} labels; lower n_way, use "
                         "n_way = null (all of a task's classes) or leave the task out of pool_tasks."
                     )
+                if c.pool_examples is not None:
+                    data = stratified_subsample(data, c.pool_examples, seed=DATA_SEED)
+                pool[task] = data
+            # The meta-training episodes (k_shot + q_query examples per label): refused now, not after
+            # the settings without meta-training have run their units.
+            FewShotSampler(pool, c.n_way, c.k_shot, c.q_query, seed=c.seed)
 
     def _key(self, unit: dict[str, Any]) -> tuple:
         return unit["setting"], unit["task"], unit["k"], unit["episode"]
