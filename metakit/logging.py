@@ -59,9 +59,17 @@ class TensorBoardLogger:
 
     def _write_layout(self, result: MetaStepResult) -> None:
         """The custom-scalars layout, from what the first meta-step has: no panel that stays empty."""
-        inner = {"support loss by inner step (mean over tasks)": ["Multiline", [r"inner_loss/step_\d+"]]}
+        # Two lines a run, before (step 0) and after the last step, so that many runs stay readable; the
+        # Scalars tab has every step, and curve_every adds a picture of the whole curve.
+        last = result.inner_losses.shape[-1] - 1
+        inner = {
+            f"support loss before (step_0) and after (step_{last}) the inner loop, mean over tasks": [
+                "Multiline",
+                [rf"inner_loss/step_(0|{last})$"],
+            ]
+        }
         if self.per_task:
-            inner["support loss by inner step, per task"] = ["Multiline", [r"inner_loss_task_\d+/step_\d+"]]
+            inner["the same per task"] = ["Multiline", [rf"inner_loss_task_\d+/step_(0|{last})$"]]
         layout = {"inner loop": inner}
         if result.query_losses_before is not None:
             layout["adaptation"] = {

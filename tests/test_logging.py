@@ -42,9 +42,12 @@ def test_event_file_holds_inner_loss_curve_query_loss_grad_norms_and_lrs(tmp_pat
     query = [e.value for e in events.Scalars("meta/query_loss")]
     assert query == [torch.tensor(float(r.loss)).item() for r in results]
     assert "inner_loss/curve" in events.Tags()["images"]
-    # The custom-scalars layout that draws the inner-loss steps as one multi-line chart.
+    # The custom-scalars layout: the support loss before and after the inner loop in one chart, and no
+    # panel that would stay empty (no diagnostics here).
     (layout,) = events.Tensors("custom_scalars__config__")
-    assert rb"inner_loss/step_\d+" in layout.tensor_proto.string_val[0]
+    text = layout.tensor_proto.string_val[0]
+    assert rb"inner_loss/step_(0|3)$" in text and rb"inner_loss_task_\d+/step_(0|3)$" in text
+    assert b"diagnostics" not in text
 
 
 def test_sine_maml_learns_well_below_the_untrained_baseline():

@@ -20,6 +20,8 @@ import pytest
 import torch
 from test_ner_pipeline import cli, fixture_file
 
+from metakit.experiments.settings import SETTINGS
+
 ROOT = Path(__file__).resolve().parents[1]
 FLAGS = ("--preset", "tiny", "--seeds", "0", "--settings", "4,5", "--langs", "hi,af")
 # 16 meta steps with checkpoints every 5: room to stop a run mid-priming (as in test_ner_resume).
@@ -122,7 +124,7 @@ def test_only_rank_0_writes(two_processes):
     # including those of the units rank 1 ran (it sent their scalars to rank 0).
     events = list((out / "tensorboard").rglob("events.out.tfevents.*"))
     assert {path.parent.name for path in events} >= {
-        f"ft-s{s}-{lang}-seed0" for s in (4, 5) for lang in ("hi", "af")
+        f"ft-{SETTINGS[s].slug}-{lang}-seed0" for s in (4, 5) for lang in ("hi", "af")
     }
     assert {int(path.name.split(".")[-2]) for path in events} == {writer}  # ...{host}.{pid}.{n}
     assert len(list((out / "runs").rglob("predictions-*.jsonl.gz"))) == 4

@@ -73,7 +73,7 @@ def test_every_setting_runs_and_f1_matches_saved_predictions(data_dir, tmp_path)
     table = (out / "table.md").read_text(encoding="utf-8")
     assert "Meta priming → adapter tuning" in table and "| hi | af |" in table
     assert set(results(out)["priming"]) == {f"s{s}-seed0" for s in (4, 5, 6, 7)}
-    assert any((out / "tensorboard" / "prime-s4-seed0").iterdir())
+    assert any((out / "tensorboard" / "prime-s4-meta-priming-seed0").iterdir())  # runs named by setting
     assert cli("table", str(out), "--write") == 0
     assert (out / "table.md").read_text(encoding="utf-8") == table
 

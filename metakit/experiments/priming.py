@@ -29,7 +29,6 @@ from metakit.experiments.model import Groups, trainable_state
 from metakit.experiments.ranks import Ranks
 from metakit.experiments.settings import Setting
 from metakit.experiments.tagger import Tagger, token_loss
-from metakit.functional import bind
 from metakit.logging import TensorBoardLogger
 from metakit.task import Task
 
@@ -205,26 +204,17 @@ class _MetaPriming:
         self.tagger, self.total = tagger, config.prime_steps
         self.sums = {"pre_query_loss": 0.0, "post_query_loss": 0.0, "steps": 0}
 
-    @torch.no_grad()
-    def _pre_adaptation_loss(self, tasks: Sequence[Task]) -> float:
-        forward = bind(self.tagger, {})  # the current (unadapted) parameters
-        with torch.random.fork_rng(devices=[]):  # dropout draws here must not shift the run's own
-            losses = [token_loss(forward, task.query) for task in tasks]
-        return float(torch.stack(losses).mean())
-
     def step(self, step: int) -> float:
         tasks: Sequence[Task] = self.sampler.sample()
-        pre = self._pre_adaptation_loss(tasks)
         self.learner.step = step
         if self.executor is not None:  # under torchrun: each task's dropout stream follows the step
             self.executor.local.step = step
-        # Every rank traces the final support loss (rank 0's logger would switch it on), so each task
-        # makes the same forwards, and the same dropout draws, wherever it runs.
-        post = float(self.learner.meta_step(tasks, final_support_loss=True).loss)
-        if self.logger is not None:
-            self.logger.add_scalar("adaptation/query_loss_before", pre, step)
-            self.logger.add_scalar("adaptation/query_loss_after", post, step)
-            self.logger.add_scalar("adaptation/gain", pre - post, step)
+        # Every rank traces the final support loss and the query loss before adaptation (rank 0's logger
+        # would switch them on), so each task makes the same forwards wherever it runs. The logger writes
+        # adaptation/query_loss_before, adaptation/gain and meta/query_loss (the loss after adaptation).
+        result = self.learner.meta_step(tasks, final_support_loss=True, query_loss_before=True)
+        assert result.query_losses_before is not None
+        pre, post = float(result.query_losses_before.mean()), float(result.loss)
         self.sums["pre_query_loss"] += pre
         self.sums["post_query_loss"] += post
         self.sums["steps"] += 1

@@ -7,7 +7,8 @@ Layout of the output folder::
     table.md             the paper's Table 1 shape, rewritten after every unit
     runs/s{N}-seed{S}/predictions-{lang}.jsonl.gz   the unit's result, then its predictions
     .lock                held (``flock``) by the process writing the folder
-    tensorboard/         prime-s{N}-seed{S} (inner losses), ft-s{N}-{lang}-seed{S} (fine-tuning loss)
+    tensorboard/         prime-{slug}-seed{S} (inner losses, adaptation gain), ft-{slug}-{lang}-seed{S}
+                         (fine-tuning loss); {slug} is the setting's Setting.slug, e.g. s4-meta-priming
     checkpoints/         priming checkpoints and primed weights (git-ignored, large)
 
 Priming runs once per (setting, seed) and is shared by every target language.
@@ -355,7 +356,7 @@ class Experiment:
         self._save()
 
     def _unit_log(self, setting: Setting, lang: str, seed: int) -> Path:
-        return self.out / "tensorboard" / f"ft-s{setting.number}-{lang}-seed{seed}"
+        return self.out / "tensorboard" / f"ft-{setting.slug}-{lang}-seed{seed}"
 
     def _write_predictions(self, unit: dict[str, Any], lang: str, predicted: list[list[str]]) -> None:
         gold = [[WIKIANN_LABELS[i] for i in tags] for tags in self.test[lang]["ner_tags"]]
@@ -380,7 +381,7 @@ class Experiment:
             self.backbone.tokenizer,
             seed,
             checkpoint_dir=folder,
-            log_dir=self.out / "tensorboard" / f"prime-{key}",
+            log_dir=self.out / "tensorboard" / f"prime-{setting.slug}-seed{seed}",
             ranks=self.ranks,
         )
         state = trainable_state(tagger, groups.backbone | groups.adapter | groups.head)

@@ -28,10 +28,25 @@ class Setting:
     inner_steps: int | None = None
 
     @property
+    def slug(self) -> str:
+        """A short name for run folders, e.g. ``"s4-meta-priming"`` (TensorBoard lists runs by it)."""
+        return f"s{self.number}-{_SLUGS.get(self.number, 'setting')}"
+
+    @property
     def has_adapter(self) -> bool:
         """Whether the model carries the top adapter (everything but full and head tuning)."""
         return self.tune == "adapter"
 
+
+_SLUGS = {
+    1: "full-ft",
+    2: "head",
+    3: "adapter",
+    4: "meta-priming",
+    5: "ft-priming",
+    6: "maml-loop-priming",
+    7: "meta-priming-1-step",
+}
 
 SETTINGS: dict[int, Setting] = {
     1: Setting(1, "Full fine-tuning", None, "full"),
