@@ -59,23 +59,26 @@ class TensorBoardLogger:
 
     def _write_layout(self, result: MetaStepResult) -> None:
         """The custom-scalars layout, from what the first meta-step has: no panel that stays empty."""
-        # Two lines a run, before (step 0) and after the last step, so that many runs stay readable; the
-        # Scalars tab has every step, and curve_every adds a picture of the whole curve.
+        # TensorBoard draws every line of one run in the run's colour, so before and after are not two
+        # lines but one line (after) with a band up to before: the band is what the inner loop bought.
+        # The Scalars tab has every inner step; curve_every adds a picture of the whole curve.
         last = result.inner_losses.shape[-1] - 1
+        after, before = f"inner_loss/step_{last}", "inner_loss/step_0"
         inner = {
-            f"support loss before (step_0) and after (step_{last}) the inner loop, mean over tasks": [
-                "Multiline",
-                [rf"inner_loss/step_(0|{last})$"],
+            f"support loss after the inner loop ({after}); the band reaches up to before it ({before})": [
+                "Margin",
+                [after, after, before],
             ]
         }
         if self.per_task:
-            inner["the same per task"] = ["Multiline", [rf"inner_loss_task_\d+/step_(0|{last})$"]]
+            inner["support loss by inner step, per task"] = ["Multiline", [r"inner_loss_task_\d+/step_\d+"]]
         layout = {"inner loop": inner}
         if result.query_losses_before is not None:
             layout["adaptation"] = {
-                "query loss before (adaptation/query_loss_before) and after (meta/query_loss) the inner loop": [
-                    "Multiline",
-                    ["adaptation/query_loss_before", "meta/query_loss"],
+                "query loss after adaptation (meta/query_loss); the band reaches up to before it "
+                "(adaptation/query_loss_before)": [
+                    "Margin",
+                    ["meta/query_loss", "meta/query_loss", "adaptation/query_loss_before"],
                 ],
                 "adaptation gain: query loss before minus after": ["Multiline", ["adaptation/gain"]],
             }

@@ -46,7 +46,7 @@ def test_event_file_holds_inner_loss_curve_query_loss_grad_norms_and_lrs(tmp_pat
     # panel that would stay empty (no diagnostics here).
     (layout,) = events.Tensors("custom_scalars__config__")
     text = layout.tensor_proto.string_val[0]
-    assert rb"inner_loss/step_(0|3)$" in text and rb"inner_loss_task_\d+/step_(0|3)$" in text
+    assert b"inner_loss/step_3" in text and b"inner_loss/step_0" in text  # a band from after up to before
     assert b"diagnostics" not in text
 
 
