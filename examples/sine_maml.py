@@ -174,6 +174,8 @@ def main(argv: list[str] | None = None) -> None:
         optimizer.zero_grad()
         if step % 100 == 0:
             progress.set_postfix(query_loss=f"{float(result.loss):.3f}")
+            if logger is not None:  # the held-out MSE after adaptation, as meta-training goes
+                logger.add_scalar("test/post_adaptation_mse", evaluate(learner, test_tasks), step)
         done = step + 1
         if rank == 0 and args.checkpoint and (done % args.checkpoint_every == 0 or done == args.meta_steps):
             save_checkpoint(args.checkpoint, model, optimizer, learner)
@@ -181,7 +183,8 @@ def main(argv: list[str] | None = None) -> None:
     final = evaluate(learner, test_tasks)
     if rank != 0:
         return
-    logger.close({"test_post_adaptation_loss": final})
+    logger.add_scalar("test/post_adaptation_mse", final, learner.step)
+    logger.close({"test/post_adaptation_mse": final})  # the HParams tab's metric is that curve
     plot_fits(learner, test_tasks[0], run_dir / "fits.png")
     print(
         f"post-adaptation test MSE: {baseline:.3f} at meta-step {first_step} -> "

@@ -56,6 +56,8 @@ class TensorBoardLogger:
         self.hparams = dict(hparams or {})
         self._last: dict[str, float] = {}
         self._layout_written = False
+        self._last_step = 0
+        self._tags: set[str] = set()
 
     def _write_layout(self, result: MetaStepResult) -> None:
         """The custom-scalars layout, from what the first meta-step has: no panel that stays empty."""
@@ -93,6 +95,7 @@ class TensorBoardLogger:
         """Record one `MetaStepResult` at global step ``step``."""
         if not self._layout_written:
             self._write_layout(result)
+        self._last_step = step
         curve = result.inner_losses.float().mean(0)
         for inner_step, value in enumerate(curve.tolist()):
             self.writer.add_scalar(f"inner_loss/step_{inner_step}", value, step)
@@ -125,16 +128,31 @@ class TensorBoardLogger:
 
     def add_scalar(self, tag: str, value: float, step: int) -> None:
         """Log any other scalar (e.g. an evaluation metric) to the same run."""
+        self._tags.add(tag)
         self.writer.add_scalar(tag, value, step)
 
     def close(self, metrics: dict[str, float] | None = None) -> None:
-        """Write the hyper-parameters with final metrics (default: the last meta-step's) and close."""
+        """Write the hyper-parameters with final metrics (default: the last meta-step's) and close.
+
+        A metric named like a tag this run already logs (``"test/mse"``, logged with :meth:`add_scalar`
+        as training went) is that curve in the HParams tab, with no scalar written again; any other
+        name is written once as ``hparam/{name}`` at the last meta-step.
+        """
         if self.hparams:
+            from torch.utils.tensorboard.summary import hparams as hparams_summary
+
             final = metrics if metrics is not None else self._last
-            hparams = {
+            values = {
                 k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in self.hparams.items()
             }
-            self.writer.add_hparams(hparams, {f"hparam/{k}": v for k, v in final.items()}, run_name=".")
+            tags = {
+                (name if name in self._tags else f"hparam/{name}"): value for name, value in final.items()
+            }
+            for summary in hparams_summary(values, tags):
+                self.writer.file_writer.add_summary(summary)
+            for tag, value in tags.items():
+                if tag not in self._tags:
+                    self.writer.add_scalar(tag, value, self._last_step)
         self.writer.close()
 
     def __enter__(self) -> TensorBoardLogger:
