@@ -134,7 +134,7 @@ class TensorBoardLogger:
     def close(self, metrics: dict[str, float] | None = None) -> None:
         """Write the hyper-parameters with final metrics (default: the last meta-step's) and close.
 
-        A metric named like a tag this run already logs (``"test/mse"``, logged with :meth:`add_scalar`
+        A metric named like a tag this run already logs (``"test/mse"``, logged with `add_scalar`
         as training went) is that curve in the HParams tab, with no scalar written again; any other
         name is written once as ``hparam/{name}`` at the last meta-step.
         """
