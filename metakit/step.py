@@ -190,7 +190,12 @@ class InnerStep:
 
 # -- how a step runs --------------------------------------------------------------------------------
 class Runner(Protocol):
-    """How the loop runs its next ``count`` steps (at most ``chunk``)."""
+    """How the loop runs its next ``count`` steps (at most ``chunk``).
+
+    A runner used with a stop that probes the gradient (Implicit's) also has
+    ``gradient(step, index, params, live)``, as `Plain` does; the chunked lean runners run with
+    `FixedSteps` only.
+    """
 
     chunk: int
 
