@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import abc
+import contextlib
 import dataclasses
 import functools
 from collections.abc import Mapping
@@ -281,8 +282,6 @@ class TaskProblem:
 
 
 def _forked_rng(devices: list[int], *, enabled: bool):
-    import contextlib
-
     return torch.random.fork_rng(devices=devices) if enabled else contextlib.nullcontext()
 
 

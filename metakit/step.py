@@ -60,7 +60,7 @@ class InnerStep:
     """What one inner step of one task means; every way of running a step calls this.
 
     Attributes:
-        optimizer: the inner loop (``init`` and ``update`` of its TorchOpt optimizer).
+        inner: the `InnerLoop` (``init`` and ``update`` of its TorchOpt optimizer).
         forward: ``forward(params, batch, buffers) -> loss`` (the model, or its top under a cut, in
             the task's precision).
         model: the module (its BatchNorm layers are switched to running statistics under ``"frozen"``).
@@ -72,7 +72,7 @@ class InnerStep:
         task_index: the task's place in the meta-batch (error messages).
     """
 
-    optimizer: Any
+    inner: Any
     forward: Forward
     model: torch.nn.Module
     buffers: TaskBuffers
@@ -158,7 +158,7 @@ class InnerStep:
 
     def init_state(self, params: Mapping[str, torch.Tensor]) -> Any:
         """The optimizer state for ``params``; per task under ``vmap`` (TorchOpt writes some of it in place)."""
-        state = self.optimizer.init(detached(params))
+        state = self.inner.init(detached(params))
         zero = self.buffers.batched_like
         if zero is None:
             return state
@@ -175,7 +175,7 @@ class InnerStep:
         lr_scales: Mapping[str, torch.Tensor] | None,
     ) -> tuple[Params, Any]:
         """The optimizer's update (scaled by the MetaSGD scales): ``(new params, new state)``."""
-        return self.optimizer.update(grads, state, params, lr_scales or None)
+        return self.inner.update(grads, state, params, lr_scales or None)
 
     def final_loss(
         self, params: Mapping[str, torch.Tensor], live: Mapping[str, torch.Tensor]

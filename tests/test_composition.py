@@ -308,3 +308,22 @@ def test_fp16_is_refused_where_the_executor_does_not_scale_its_gradients():
         with pytest.raises(mk.CompositionError, match=r"precision='fp16'.*Instead: precision='bf16'"):
             check_composition(mk.SecondOrder(), executor, precision="fp16")
     check_composition(mk.SecondOrder(hvp="forward"), Distributed(), precision="fp16")  # scaled: allowed
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_the_query_loss_before_adaptation_is_the_same_on_every_executor(case, process_group):
+    # The measurement a logger switches on (MetaStepResult.query_losses_before) composes like the
+    # meta-gradient: every executor, with a cut, under the "frozen" policy (running statistics).
+    measured = {}
+    for name, executor in executors().items():
+        _, tasks, build = CASES[case](torch.float64)
+        learner = build(
+            mk.SecondOrder(), executor, cut=True, learn_lr=False, buffers="frozen", precision="fp32"
+        )
+        result = learner.meta_step(tasks, query_loss_before=True)
+        measured[name] = (result.query_losses_before, result.query_losses)
+    reference_before, reference_after = measured["Sequential"]
+    assert reference_before.shape == (len(tasks),)
+    for name, (before, after) in measured.items():
+        torch.testing.assert_close(before, reference_before, rtol=1e-9, atol=1e-12, msg=name)
+        torch.testing.assert_close(after, reference_after, rtol=1e-9, atol=1e-12, msg=name)

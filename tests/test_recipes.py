@@ -41,11 +41,11 @@ RECIPES = {
 
 @pytest.mark.parametrize("name", sorted(RECIPES))
 def test_every_recipe_takes_the_common_keywords(name):
-    logger, executor = object(), mk.executors.Vmap()
-    learner = RECIPES[name](
-        Model(),
+    logger, executor, optimizer = object(), mk.executors.Vmap(), torchopt.sgd(lr=0.2)
+    keywords = dict(
         inner_lr=0.2,
         steps=2,
+        optimizer=optimizer,
         strategy=mk.SecondOrder(),
         learn_lr=True,
         buffers="task",
@@ -54,21 +54,12 @@ def test_every_recipe_takes_the_common_keywords(name):
         precision="bf16",
         cut=None,
     )
+    assert set(keywords) == set(recipes.COMMON_KEYWORDS)  # every documented keyword is exercised
+    learner = RECIPES[name](Model(), **keywords)
     assert learner.inner.steps == 2 and learner.inner.learn_lr and learner.inner.buffers == "task"
-    assert repr(learner.strategy) == "SecondOrder()" and learner.executor is executor
-    assert learner.logger is logger and learner.precision == "bf16" and learner.cut is None
-    assert set(recipes.COMMON_KEYWORDS) == {
-        "inner_lr",
-        "steps",
-        "optimizer",
-        "strategy",
-        "learn_lr",
-        "buffers",
-        "logger",
-        "executor",
-        "precision",
-        "cut",
-    }
+    assert learner.inner.optimizer is optimizer and repr(learner.strategy) == "SecondOrder()"
+    assert learner.executor is executor and learner.logger is logger
+    assert learner.precision == "bf16" and learner.cut is None
 
 
 @pytest.mark.parametrize("name", ["fomaml", "reptile", "imaml"])
@@ -77,8 +68,3 @@ def test_a_recipe_named_after_its_strategy_refuses_another_one(name):
         TypeError, match=rf"recipes\.{name}\(\) is recipes\.maml\(\) with .*recipes\.maml\(\)"
     ):
         getattr(recipes, name)(Model(), mse_loss, strategy=mk.SecondOrder())
-
-
-def test_the_recipes_optimizer_replaces_sgd_at_inner_lr():
-    optimizer = torchopt.adam(1e-3)
-    assert recipes.anil(Model(), mse_loss, head=HEAD, optimizer=optimizer).inner.optimizer is optimizer
