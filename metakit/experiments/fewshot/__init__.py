@@ -1,4 +1,5 @@
-"""The few-shot experiment: Meta-Adapters and its baselines on LEOPARD, meta-trained on a GLUE-style pool.
+"""The few-shot experiment: Meta-Adapters and its baselines on LEOPARD, meta-trained on a GLUE-style pool,
+or on your own tasks (a task file's ``pool`` and ``targets``, `read_task_config`).
 
 A unit is ``(setting, task, k, episode)``. The parts, each a module:
 
@@ -17,6 +18,9 @@ A unit is ``(setting, task, k, episode)``. The parts, each a module:
   `.hparams`: fine-tuning learning rates chosen on the pool's dev sets; `.report`: per-task
   mean ± std tables and paired comparisons.
 
+- `.task_config`: `read_task_config`, `TaskConfig`, `TaskSource` (your own tasks, from a TOML/YAML
+  file); `.sources`: where a run's tasks come from (LEOPARD or the task file's, `fewshot_data`);
+  `.records`: the seeded episodes of a task file's targets, recorded in ``episodes/``.
 - `.runner`: `FewShotExperiment`, the output folder (``metakit fewshot run``)
   on the machinery it shares with ``metakit ner``; `.verify` (``metakit fewshot verify``);
   `.cli` (the subcommand).
@@ -35,6 +39,7 @@ Example:
 
 from metakit.experiments.fewshot.config import FEWSHOT_PRESETS, FewShotConfig, load_fewshot_config
 from metakit.experiments.fewshot.settings import FEWSHOT_SETTINGS, FewShotSetting
+from metakit.experiments.fewshot.task_config import TaskConfig, TaskSource, read_task_config
 from metakit.experiments.fewshot.unit import FewShotResources, fewshot_units, run_unit
 
 __all__ = [
@@ -43,7 +48,10 @@ __all__ = [
     "FewShotConfig",
     "FewShotResources",
     "FewShotSetting",
+    "TaskConfig",
+    "TaskSource",
     "fewshot_units",
     "load_fewshot_config",
+    "read_task_config",
     "run_unit",
 ]

@@ -1,7 +1,8 @@
-"""``metakit fewshot``: Meta-Adapters and its baselines on LEOPARD from the command line.
+"""``metakit fewshot``: Meta-Adapters and its baselines on LEOPARD, or on your own tasks, from the command line.
 
 Usage::
 
+    metakit fewshot run --preset tiny --task-config examples/own-tasks/tasks.toml --out runs/own  # your tasks
     metakit fewshot run --preset cpu-quick --out runs/quick                       # a few minutes
     metakit fewshot run --preset cpu --settings adapters,meta_adapters --out runs/x
     metakit fewshot run --config exp.toml --tasks scitail --shots 8 --set ft_steps=16 --out runs/y
@@ -54,8 +55,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--config", help="a .toml or .yaml file of config keys (optionally 'preset = ...')"
     )
     run_parser.add_argument("--settings", type=str_list, help="e.g. adapters,meta_adapters (default: all)")
-    run_parser.add_argument("--tasks", type=str_list, help="LEOPARD tasks, e.g. scitail,airline")
-    run_parser.add_argument("--shots", type=int_list, help="k per class, from 4,8,16")
+    run_parser.add_argument(
+        "--task-config",
+        metavar="FILE",
+        help="a .toml or .yaml file of your own [[pool]] and [[targets]] tasks, instead of LEOPARD's",
+    )
+    run_parser.add_argument(
+        "--tasks",
+        type=str_list,
+        help="targets, e.g. scitail,airline (default: all of LEOPARD's or the task file's)",
+    )
+    run_parser.add_argument(
+        "--shots", type=int_list, help="k per class: 4,8,16 for LEOPARD, any with --task-config"
+    )
     run_parser.add_argument("--episodes", type=int_list, help="episode numbers, e.g. 0,1")
     run_parser.add_argument("--model", help="'e5' (offline), 'tiny', or a local path / hub name")
     add_run_options(run_parser)
@@ -86,8 +98,20 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _config(args: argparse.Namespace) -> FewShotConfig:
-    """The run's config; ``--resume`` without ``--preset``/``--config`` starts from the folder's saved one."""
-    return config_for_run(args, _overrides(args), FewShotConfig, load_fewshot_config)
+    """The run's config; ``--resume`` without ``--preset``/``--config`` starts from the folder's saved one
+    (a ``--task-config`` given then must hold the saved tasks: it is compared, not adopted)."""
+    from metakit.experiments.folder import saved_config
+
+    overrides = _overrides(args)
+    if args.task_config and args.resume and not (args.preset or args.config) and saved_config(args.out):
+        from metakit.experiments.fewshot.task_config import read_task_config
+
+        overrides["own_tasks"] = read_task_config(args.task_config).to_dict()
+
+    def load(preset, config_file, keys):
+        return load_fewshot_config(preset, config_file, keys, task_config=args.task_config)
+
+    return config_for_run(args, overrides, FewShotConfig, load)
 
 
 def _run_experiment(args: argparse.Namespace) -> int:

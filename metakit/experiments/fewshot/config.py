@@ -16,6 +16,7 @@ import hashlib
 import json
 import os
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from metakit.experiments.config import read_config_file
@@ -42,7 +43,11 @@ class FewShotConfig:
         model: ``"e5"`` (offline multilingual-e5-small), ``"tiny"`` (a random 2-layer BERT built from a
             config, tokenizer from the data; tests) or a hub name / local path of an encoder.
         leopard_dir, pool_dir: the LEOPARD and GLUE-meta folders.
-        tasks, shots, episodes, settings: which units run (LEOPARD tasks, k, episode numbers, settings).
+        own_tasks: your own pool and targets instead of LEOPARD's and the GLUE-style pool: the content of
+            a task file (`metakit.experiments.fewshot.task_config`, ``--task-config``), recorded whole so
+            that a resume with other tasks is refused. ``None``: LEOPARD.
+        tasks, shots, episodes, settings: which units run (targets, k, episode numbers, settings); with
+            ``own_tasks`` any k >= 1 and episode >= 0 (episodes are drawn, seeded), else LEOPARD's.
         pool_tasks: the meta-training pool; pool_examples: a seeded per-task subsample of it (``None``: all).
         test_examples: a seeded stratified subsample of each test set (``None``: the full test set).
         max_length: sub-words per example (pairs are truncated longest-first); text_prefix: put before
@@ -73,6 +78,7 @@ class FewShotConfig:
     model: str = "e5"
     leopard_dir: str = DEFAULT_LEOPARD_DIR
     pool_dir: str = DEFAULT_GLUE_META_DIR
+    own_tasks: dict[str, Any] | None = None
     tasks: list[str] = field(default_factory=lambda: list(LEOPARD_TASKS))
     shots: list[int] = field(default_factory=lambda: list(LEOPARD_SHOTS))
     episodes: list[int] = field(default_factory=lambda: list(range(LEOPARD_EPISODES)))
@@ -124,19 +130,11 @@ class FewShotConfig:
 
     def __post_init__(self) -> None:
         _check_names("settings", self.settings, FEWSHOT_SETTINGS)
-        _check_names("tasks", self.tasks, LEOPARD_TASKS)
-        _check_names("pool_tasks", self.pool_tasks, GLUE_META_TASKS)
+        if self.own_tasks is not None:
+            self._check_own_tasks()
+        else:
+            self._check_leopard_tasks()
         _check_names("hp_tasks", self.hp_tasks or [], {t: 1 for t in self.pool_tasks})
-        bad_k = [k for k in self.shots if k not in LEOPARD_SHOTS]
-        if bad_k:
-            raise ValueError(
-                f"shots {bad_k} are not LEOPARD's; its episodes have k in {list(LEOPARD_SHOTS)}."
-            )
-        bad_e = [e for e in self.episodes if not 0 <= e < LEOPARD_EPISODES]
-        if bad_e:
-            raise ValueError(
-                f"episodes {bad_e} do not exist; LEOPARD has episodes 0..{LEOPARD_EPISODES - 1}."
-            )
         if self.arch_lr is not None and self.arch_lr <= 0:
             raise ValueError(f"arch_lr must be > 0 or None (outer_lr), got {self.arch_lr}.")
         if self.meta_dev_episodes < 0:
@@ -173,6 +171,33 @@ class FewShotConfig:
         missing = sorted({"full", "head", "pe"} - set(self.hp_grid))
         if missing:
             raise ValueError(f"hp_grid lacks candidate learning rates for {missing}.")
+
+    def _check_leopard_tasks(self) -> None:
+        _check_names("tasks", self.tasks, LEOPARD_TASKS)
+        _check_names("pool_tasks", self.pool_tasks, GLUE_META_TASKS)
+        bad_k = [k for k in self.shots if k not in LEOPARD_SHOTS]
+        if bad_k:
+            raise ValueError(
+                f"shots {bad_k} are not LEOPARD's; its episodes have k in {list(LEOPARD_SHOTS)}."
+            )
+        bad_e = [e for e in self.episodes if not 0 <= e < LEOPARD_EPISODES]
+        if bad_e:
+            raise ValueError(
+                f"episodes {bad_e} do not exist; LEOPARD has episodes 0..{LEOPARD_EPISODES - 1}."
+            )
+
+    def _check_own_tasks(self) -> None:
+        from metakit.experiments.fewshot.task_config import TaskConfig
+
+        names = TaskConfig.from_dict(self.own_tasks).names
+        for key, section in (("tasks", "targets"), ("pool_tasks", "pool")):
+            bad = [v for v in getattr(self, key) if v not in names[section]]
+            if bad:
+                raise ValueError(f"{key} {bad} are not among the task config's {section} {names[section]}.")
+        bad_k = [k for k in self.shots if not isinstance(k, int) or k < 1]
+        bad_e = [e for e in self.episodes if not isinstance(e, int) or e < 0]
+        if bad_k or bad_e:
+            raise ValueError(f"shots must be >= 1 and episodes >= 0, got shots {bad_k} and episodes {bad_e}.")
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict of every key."""
@@ -296,11 +321,23 @@ def load_fewshot_config(
     preset: str | None = None,
     config_file: str | os.PathLike | None = None,
     overrides: dict[str, Any] | None = None,
+    task_config: str | os.PathLike | None = None,
 ) -> FewShotConfig:
-    """Build a config from a preset, then a file's keys, then ``overrides`` (flags); unknown keys raise."""
+    """Build a config from a preset, then a file's keys, then ``overrides`` (flags); unknown keys raise.
+
+    Args:
+        task_config: a task file (TOML or YAML) of your own ``pool`` and ``targets``
+            (`metakit.experiments.fewshot.task_config`); a config file may name one too, as
+            ``task_config = "tasks.toml"`` (relative to the config file). Its content becomes
+            ``own_tasks``; ``tasks`` and ``pool_tasks`` default to all its targets and pool tasks and
+            ``hp_tasks`` to every pool task, unless the file or ``overrides`` set them.
+    """
     file_keys = read_config_file(config_file) if config_file else {}
     preset = preset or file_keys.pop("preset", None) or "cpu"
     file_keys.pop("preset", None)
+    named = file_keys.pop("task_config", None)
+    if task_config is None and named is not None:
+        task_config = Path(config_file).resolve().parent / named
     if preset not in FEWSHOT_PRESETS:
         raise ValueError(f"Unknown few-shot preset {preset!r}; presets: {sorted(FEWSHOT_PRESETS)}.")
     known = {f.name for f in dataclasses.fields(FewShotConfig)}
@@ -311,4 +348,13 @@ def load_fewshot_config(
         unknown = sorted(set(keys) - known)
         if unknown:
             raise ValueError(f"Unknown config keys {unknown} in {where}; known keys: {sorted(known)}.")
-    return FewShotConfig(**{**FEWSHOT_PRESETS[preset], **file_keys, **(overrides or {})})
+    explicit = {**file_keys, **(overrides or {})}
+    keys = {**FEWSHOT_PRESETS[preset], **explicit}
+    if task_config is not None:
+        from metakit.experiments.fewshot.task_config import read_task_config
+
+        tasks = read_task_config(task_config)
+        keys["own_tasks"] = tasks.to_dict()
+        defaults = {"tasks": tasks.names["targets"], "pool_tasks": tasks.names["pool"], "hp_tasks": None}
+        keys.update({key: value for key, value in defaults.items() if key not in explicit})
+    return FewShotConfig(**keys)

@@ -4,7 +4,7 @@ The ``cpu`` preset runs on one thread, so a 2-core machine can run two invocatio
 its own folder with its own ``--settings`` (or ``--tasks``). Every unit is a pure function of the
 config and the meta-trained weights, so units from folders whose result-changing keys are equal belong
 in one table. `merge_folders` checks that, refuses a unit present twice, copies the unit files,
-TensorBoard logs and checkpoints, and writes the merged ``config.json``, ``results.json`` and
+TensorBoard logs, checkpoints and a task file's episode records (which must agree), and writes the merged ``config.json``, ``results.json`` and
 ``table.md``; ``metakit fewshot verify`` then checks the merged folder as any other.
 
 Example:
@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from metakit.experiments.fewshot.config import FEWSHOT_SELECTION_KEYS, FewShotConfig
+from metakit.experiments.fewshot.records import EPISODES_DIR, merge_episode_records
 from metakit.experiments.fewshot.report import render_fewshot_report
 from metakit.experiments.fewshot.runner import fewshot_differing_keys
 from metakit.experiments.folder import IGNORED, saved_config
@@ -33,9 +34,10 @@ def _unit_key(unit: dict[str, Any]) -> tuple:
     return unit["setting"], unit["task"], unit["k"], unit["episode"]
 
 
-def _union(values: list[list[Any]], order: Sequence[Any] | None = None) -> list[Any]:
+def _union(values: list[list[Any]], order: Sequence[Any] = ()) -> list[Any]:
+    """Every value of ``values``: those in ``order`` first, in its order, then the rest sorted."""
     seen = {value for group in values for value in group}
-    return [v for v in order if v in seen] if order is not None else sorted(seen)
+    return [v for v in order if v in seen] + sorted(seen - set(order))
 
 
 def merge_folders(sources: Sequence[str | Path], out_dir: str | Path) -> dict[str, Any]:
@@ -87,8 +89,12 @@ def merge_folders(sources: Sequence[str | Path], out_dir: str | Path) -> dict[st
     merged_config = FewShotConfig(**configs[0]).to_dict()
     default = FewShotConfig()
     for key in FEWSHOT_SELECTION_KEYS:
-        order = getattr(default, key) if key != "episodes" else None
+        if key == "tasks" and merged_config.get("own_tasks") is not None:
+            order = [task["name"] for task in merged_config["own_tasks"]["targets"]]
+        else:
+            order = getattr(default, key) if key != "episodes" else ()
         merged_config[key] = _union([config[key] for config in configs], order)
+    records = _episode_records(sources)
     out.mkdir(parents=True)
     lock = FolderLock(out)
     lock.acquire()
@@ -97,6 +103,9 @@ def merge_folders(sources: Sequence[str | Path], out_dir: str | Path) -> dict[st
             for sub in ("runs", "tensorboard", "checkpoints"):
                 if (source / sub).is_dir():
                     shutil.copytree(source / sub, out / sub, dirs_exist_ok=True)
+        for task, record in records.items():
+            (out / EPISODES_DIR).mkdir(exist_ok=True)
+            write_json(out / EPISODES_DIR / f"{task}.json", record)
         merged = {
             "units": [unit for result in results for unit in result["units"]],
             "meta": {k: v for result in results for k, v in result.get("meta", {}).items()},
@@ -119,3 +128,20 @@ def merge_folders(sources: Sequence[str | Path], out_dir: str | Path) -> dict[st
     finally:
         lock.release()
     return json.loads(json.dumps(merged))
+
+
+def _episode_records(sources: Sequence[Path]) -> dict[str, dict[str, Any]]:
+    """The task-file targets' episode records of every source, one per task (refused if they disagree)."""
+    records: dict[str, dict[str, Any]] = {}
+    for source in sources:
+        folder = source / EPISODES_DIR
+        for path in sorted(folder.glob("*.json")) if folder.is_dir() else []:
+            try:
+                record = json.loads(path.read_text(encoding="utf-8"))
+            except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+                raise ValueError(f"{str(path)!r} is not a readable episode record ({error}).") from None
+            task = path.stem
+            records[task] = (
+                merge_episode_records(records[task], record, str(path)) if task in records else record
+            )
+    return records

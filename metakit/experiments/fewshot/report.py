@@ -172,10 +172,20 @@ def _before_after(log: dict[str, Any]) -> str:
     return f"{log['dev_query_loss_before']:.3f} → {log['dev_query_loss_after']:.3f}"
 
 
+def _own_tasks_title(own: dict[str, Any]) -> str:
+    pool = ", ".join(task["name"] for task in own.get("pool", [])) or "none"
+    return (
+        "# Few-shot results (your own tasks)\n\n"
+        f"Meta-training pool: {pool}. The targets' k-shot episodes are drawn with seed {own.get('seed', 0)}, "
+        "k examples of every class, and recorded in `episodes/`.\n"
+    )
+
+
 def render_fewshot_report(results: dict[str, Any]) -> str:
     """The markdown of a results dict: accuracy and macro-F1 tables, paired comparisons, notes."""
     units = results["units"]
-    out = ["# Few-shot results (LEOPARD)\n"]
+    own = (results.get("config") or {}).get("own_tasks")
+    out = ["# Few-shot results (LEOPARD)\n" if own is None else _own_tasks_title(own)]
     if not units:
         return "\n".join([*out, "No finished unit yet."]) + "\n"
     out += [fewshot_table(units, "accuracy"), fewshot_table(units, "macro_f1"), *_comparison_rows(units)]

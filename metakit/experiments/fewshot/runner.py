@@ -9,6 +9,8 @@ Layout of the output folder (the same machinery as ``metakit ner``: `open_folder
     .lock                held (``flock``) by the process writing the folder
     tensorboard/         meta-{setting} (meta-training losses), ft-{setting} (fine-tuning losses, test scores)
     checkpoints/         meta-{setting}.pt, the meta-trained weights (git-ignored)
+    episodes/{task}.json with a task file's targets (``own_tasks``): the seeded episodes and test split
+                         drawn for each target (`metakit.experiments.fewshot.records`)
 
 A unit's result and predictions are written together in one file with one rename, and only then added
 to ``results.json``; ``metakit fewshot verify`` recomputes every accuracy and macro-F1 from those files.
@@ -28,11 +30,13 @@ from tqdm.auto import tqdm
 
 from metakit.experiments.config import differing_keys
 from metakit.experiments.data.episodes import FewShotSampler
-from metakit.experiments.data.glue_meta import load_glue_meta
-from metakit.experiments.data.leopard import leopard_labels, stratified_subsample
+from metakit.experiments.data.leopard import stratified_subsample
 from metakit.experiments.fewshot.config import FEWSHOT_SELECTION_KEYS, FewShotConfig
+from metakit.experiments.fewshot.records import write_episode_records
 from metakit.experiments.fewshot.report import render_fewshot_report
 from metakit.experiments.fewshot.settings import FEWSHOT_SETTINGS
+from metakit.experiments.fewshot.sources import OwnTaskData, fewshot_data
+from metakit.experiments.fewshot.task_config import task_config_differences
 from metakit.experiments.fewshot.unit import DATA_SEED, FewShotResources, fewshot_units, run_unit
 from metakit.experiments.folder import open_folder
 from metakit.experiments.model import check_model
@@ -42,8 +46,14 @@ __all__ = ["FewShotExperiment", "fewshot_differing_keys", "unit_path"]
 
 
 def fewshot_differing_keys(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
-    """Result-changing keys in which a saved few-shot config differs from ``current``."""
-    return differing_keys(saved, current, FewShotConfig().to_dict(), FEWSHOT_SELECTION_KEYS)
+    """Result-changing keys in which a saved few-shot config differs from ``current``; a task file's
+    tasks are compared entry by entry (``own_tasks.targets.tickets.path``)."""
+    keys = differing_keys(saved, current, FewShotConfig().to_dict(), FEWSHOT_SELECTION_KEYS)
+    if "own_tasks" in keys:
+        index = keys.index("own_tasks")
+        detail = task_config_differences(saved.get("own_tasks"), current.get("own_tasks"))
+        keys[index : index + 1] = detail or ["own_tasks"]
+    return keys
 
 
 def unit_path(setting: str, task: str, k: int, episode: int) -> str:
@@ -67,6 +77,7 @@ class FewShotExperiment:
     def __init__(self, config: FewShotConfig, out_dir: str | Path, resume: bool = False):
         self.config, self.out = config, Path(out_dir)
         self.activity = "starting"
+        self.data = fewshot_data(config)
         self._check_inputs()  # before anything is written, so a failed start leaves no folder behind
         self.lock, self.results = open_folder(
             self.out,
@@ -77,6 +88,12 @@ class FewShotExperiment:
             empty={"units": [], "meta": {}, "skipped": [], "elapsed_seconds": 0.0},
             experiment="fewshot",
         )
+        if isinstance(self.data, OwnTaskData):
+            try:
+                write_episode_records(self.out, self.data)
+            except BaseException:
+                self.lock.release()
+                raise
 
     def close(self) -> None:
         """Release the output folder."""
@@ -92,12 +109,18 @@ class FewShotExperiment:
         """Name a missing model, data folder, task or file now, not after minutes of meta-training."""
         c = self.config
         check_model(c.model)
-        for task in c.tasks:
-            leopard_labels(task, c.leopard_dir)
+        self.data.check()
         if any(FEWSHOT_SETTINGS[s].meta for s in c.settings):
+            if not c.pool_tasks:
+                raise ValueError(
+                    "Settings with meta-training need pool tasks, and the task config names none; add "
+                    "[[pool]] tasks or run only settings without meta-training (full, head, adapters, lora)."
+                )
+            if isinstance(self.data, OwnTaskData):
+                self.data.check_pool(c.k_shot + c.q_query)
             pool = {}
             for task in c.pool_tasks:
-                data = load_glue_meta(task, "train", c.pool_dir)
+                data = self.data.pool_split(task, "train")
                 labels = len(set(data["label"]))
                 if c.n_way is not None and c.n_way > labels:
                     raise ValueError(
@@ -110,6 +133,10 @@ class FewShotExperiment:
             # The meta-training episodes (k_shot + q_query examples per label): refused now, not after
             # the settings without meta-training have run their units.
             FewShotSampler(pool, c.n_way, c.k_shot, c.q_query, seed=c.seed)
+            if isinstance(self.data, OwnTaskData) and c.meta_dev_episodes:
+                dev = {t: d for t in c.pool_tasks if (d := self.data.pool_split(t, "dev")) is not None}
+                if dev:  # the dev sets a task file names must hold a dev episode too
+                    FewShotSampler(dev, c.n_way, c.k_shot, c.q_query, seed=c.seed)
 
     def _key(self, unit: dict[str, Any]) -> tuple:
         return unit["setting"], unit["task"], unit["k"], unit["episode"]
@@ -128,7 +155,7 @@ class FewShotExperiment:
         """Run every unfinished unit; returns the results dict (also in ``results.json``)."""
         c, began = self.config, time.perf_counter()
         resources = FewShotResources(
-            c, checkpoint_dir=self.out / "checkpoints", log_dir=self.out / "tensorboard"
+            c, checkpoint_dir=self.out / "checkpoints", log_dir=self.out / "tensorboard", data=self.data
         )
         self.activity = "reading the episodes"
         units = list(fewshot_units(c, resources))

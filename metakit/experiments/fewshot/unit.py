@@ -27,18 +27,13 @@ from sklearn.metrics import accuracy_score, f1_score
 from torch.utils.tensorboard import SummaryWriter
 
 from metakit.experiments.data.episodes import label_ids
-from metakit.experiments.data.glue_meta import load_glue_meta
-from metakit.experiments.data.leopard import (
-    EmptyEpisodeError,
-    load_leopard_episode,
-    load_leopard_test,
-    stratified_subsample,
-)
+from metakit.experiments.data.leopard import EmptyEpisodeError, stratified_subsample
 from metakit.experiments.fewshot.config import FewShotConfig
 from metakit.experiments.fewshot.data import at_max_length, episode_batch, input_batches
 from metakit.experiments.fewshot.meta import meta_train
 from metakit.experiments.fewshot.model import FewShotBackbone
 from metakit.experiments.fewshot.settings import FEWSHOT_SETTINGS, FewShotSetting
+from metakit.experiments.fewshot.sources import FewShotData, fewshot_data
 from metakit.experiments.fewshot.tune import encode_all, finetune_episode, predict_labels
 from metakit.experiments.model import fraction, trainable_state
 
@@ -62,7 +57,7 @@ def fewshot_units(config: FewShotConfig, resources: FewShotResources | None = No
                         if (task, k, episode) not in resources.skipped:
                             resources.skipped.append((task, k, episode))
                             logger.warning(
-                                "Skipping LEOPARD %s k=%d episode %d: its file is empty upstream.",
+                                "Skipping %s k=%d episode %d: its file is empty upstream.",
                                 task,
                                 k,
                                 episode,
@@ -100,6 +95,7 @@ class FewShotResources:
         checkpoint_dir: where meta-trained weights are saved (``meta-{setting}.pt``) and found again;
             ``None`` keeps them in memory only.
         log_dir: where meta-training writes its TensorBoard losses (``meta-{setting}``); ``None``: nowhere.
+        data: where the tasks come from (default: `fewshot_data` of the config).
     """
 
     def __init__(
@@ -107,11 +103,14 @@ class FewShotResources:
         config: FewShotConfig,
         checkpoint_dir: str | Path | None = None,
         log_dir: str | Path | None = None,
+        data: FewShotData | None = None,
     ):
         from datasets.utils.logging import disable_progress_bar
 
         disable_progress_bar()  # one bar per tiny select()/filter() drowns the experiment's own bars
         self.config = config
+        #: Where the tasks come from: LEOPARD and the GLUE-style pool, or a task file's (``own_tasks``).
+        self.data: FewShotData = data if data is not None else fewshot_data(config)
         self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
         self.log_dir = Path(log_dir) if log_dir is not None else None
         self._backbone: FewShotBackbone | None = None
@@ -127,17 +126,18 @@ class FewShotResources:
 
     # -- data --------------------------------------------------------------------------------------
     def episode(self, task: str, k: int, episode: int) -> Dataset:
-        """The official training episode (raises `EmptyEpisodeError` for the empty one)."""
+        """The training episode: LEOPARD's official one (raises `EmptyEpisodeError` for the empty one),
+        or a task file's seeded one."""
         key = (task, k, episode)
         if key not in self._episodes:
             try:
-                self._episodes[key] = load_leopard_episode(task, k, episode, self.config.leopard_dir)
+                self._episodes[key] = self.data.episode(task, k, episode)
             except EmptyEpisodeError:
                 self._episodes[key] = None
                 raise
         data = self._episodes[key]
         if data is None:
-            load_leopard_episode(task, k, episode, self.config.leopard_dir)  # raises with the message
+            self.data.episode(task, k, episode)  # raises with the message
         return data
 
     def is_empty(self, task: str, k: int, episode: int) -> bool:
@@ -151,9 +151,8 @@ class FewShotResources:
     def test(self, task: str) -> Dataset:
         """The task's test set (sub-sampled as configured)."""
         if task not in self._tests:
-            self._tests[task] = load_leopard_test(
-                task, self.config.leopard_dir, self.config.test_examples, seed=DATA_SEED
-            )
+            data, n = self.data.test(task), self.config.test_examples
+            self._tests[task] = stratified_subsample(data, n, seed=DATA_SEED) if n is not None else data
         return self._tests[task]
 
     def pool(self) -> dict[str, Dataset]:
@@ -162,19 +161,20 @@ class FewShotResources:
             c = self.config
             self._pool = {}
             for name in c.pool_tasks:
-                data = load_glue_meta(name, "train", c.pool_dir)
+                data = self.data.pool_split(name, "train")
                 if c.pool_examples is not None:
                     data = stratified_subsample(data, c.pool_examples, seed=DATA_SEED)
                 self._pool[name] = data
         return self._pool
 
     def pool_dev(self, max_examples: int | None = None) -> dict[str, Dataset]:
-        """The pool's dev splits (for choosing fine-tuning hyper-parameters)."""
-        c = self.config
+        """The pool's dev splits (for choosing fine-tuning hyper-parameters, and meta-training's dev
+        loss); a task file's pool task without ``dev`` or ``dev_split`` is left out."""
         out = {}
-        for name in c.pool_tasks:
-            data = load_glue_meta(name, "dev", c.pool_dir)
-            out[name] = stratified_subsample(data, max_examples, seed=DATA_SEED) if max_examples else data
+        for name in self.config.pool_tasks:
+            data = self.data.pool_split(name, "dev")
+            if data is not None:
+                out[name] = stratified_subsample(data, max_examples, seed=DATA_SEED) if max_examples else data
         return out
 
     # -- model -------------------------------------------------------------------------------------
@@ -248,7 +248,7 @@ class FewShotResources:
             try:
                 log = meta_train(
                     self.config, setting, model, groups, self.backbone.tokenizer, self.pool(),
-                    dev_pool=self.pool_dev() if self.config.meta_dev_episodes else None,
+                    dev_pool=(self.pool_dev() or None) if self.config.meta_dev_episodes else None,
                     writer=writer, device=device,
                 )  # fmt: skip
             finally:
@@ -329,12 +329,12 @@ def run_unit(
     resources: FewShotResources | None = None,
     device: str | torch.device = "cpu",
 ) -> dict[str, Any]:
-    """Fine-tune on one LEOPARD episode and score on the task's test set.
+    """Fine-tune on one training episode and score on the task's test set.
 
     Args:
         config: the experiment config (learning rates, steps, data, model).
         setting: a key of `FEWSHOT_SETTINGS` (or the setting itself).
-        task, k, episode: the LEOPARD task, shots per class and episode number.
+        task, k, episode: the target task (LEOPARD's or a task file's), shots per class, episode number.
         resources: shared, cached data and models (a fresh one when ``None``).
         device: where the episode's model runs (``"cpu"``; a GPU name on a machine that has one).
 

@@ -14,7 +14,10 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+from metakit.experiments.fewshot.records import check_episode_records
 from metakit.experiments.fewshot.unit import score
+from metakit.experiments.folder import saved_config
+from metakit.experiments.report import read_results
 from metakit.experiments.verify import TOLERANCE, verify_folder
 
 __all__ = ["verify_fewshot_folder"]
@@ -47,4 +50,8 @@ def verify_fewshot_folder(out_dir: str | Path) -> list[str]:
     Raises:
         ResultsFileError: ``results.json`` is missing or corrupted.
     """
-    return verify_folder(out_dir, _check, _name, metrics=("accuracy", "macro_f1"), size_key="n_test")
+    problems = verify_folder(out_dir, _check, _name, metrics=("accuracy", "macro_f1"), size_key="n_test")
+    config = saved_config(out_dir) or {}
+    if config.get("own_tasks") is not None:
+        problems += check_episode_records(out_dir, read_results(Path(out_dir) / "results.json")["units"])
+    return problems
