@@ -232,7 +232,7 @@ def build_priming(device: torch.device, bottleneck: int = 64, **bert: int) -> Bu
 
 #: Users' runs: 16 sentences of 128 tokens per task, where activations outweigh parameters about 10 to 1
 #: (BERT-base at this batch holds about 1.5 GB of activations against 0.44 GB of parameters).
-LONG = {"n_tasks": 2, "batch": 16, "length": 128}
+LONG = {"n_tasks": 1, "batch": 16, "length": 128}
 
 
 def _sweep(hidden: int) -> Workload:
@@ -264,13 +264,13 @@ WORKLOADS: dict[str, Workload] = {
         ),
         Workload(
             "bert-long",
-            "(e) (b) at 16x128 tokens per task, 2 tasks: activations dominate, every parameter adapts",
+            "(e) (b) at 16x128 tokens, 1 task: activations dominate, every parameter adapts",
             functools.partial(build_bert, **LONG),
             compared="core",
         ),
         Workload(
             "priming-long",
-            "(f) (c) at 16x128 tokens per task, 2 tasks: activations dominate, priming partition",
+            "(f) (c) at 16x128 tokens, 1 task: activations dominate, priming partition",
             functools.partial(build_priming, **LONG),
             compared="core",
         ),
