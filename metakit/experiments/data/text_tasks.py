@@ -134,9 +134,12 @@ def _load(where: str, shown: str, *args, **kwargs) -> Dataset:
     try:
         data = load_dataset(*args, **kwargs)
     except ValueError as error:
+        if "data_files" in kwargs and "corresponds to no data" in str(error):  # a header and no rows
+            raise TaskDataError(f"{where}: {shown!r} holds no examples; add labelled rows.") from None
         if "corresponds to no data" in str(error) or "Unknown split" in str(error):
             raise TaskDataError(
-                f"{where}: {shown!r} has no {kwargs.get('split')!r} split ({error})."
+                f"{where}: {shown!r} has no {kwargs.get('split')!r} split; a folder's splits are its files' "
+                "names (train.csv, test.csv, ...)."
             ) from None
         raise TaskDataError(f"{where}: {shown!r} could not be read: {_first_line(error)}") from None
     except Exception as error:  # datasets wraps a parser's error (a malformed CSV, JSON) in its own

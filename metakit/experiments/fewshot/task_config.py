@@ -188,6 +188,8 @@ def read_task_config(path: str | os.PathLike) -> TaskConfig:
         FileNotFoundError: the file does not exist; ValueError: a bad key or value (one line naming it).
     """
     path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"Task config {str(path)!r} does not exist; give a .toml or .yaml task file.")
     keys = read_config_file(path)
     try:
         return TaskConfig.from_dict(keys, base=path.resolve().parent)
