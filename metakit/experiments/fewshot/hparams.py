@@ -58,6 +58,12 @@ def choose_finetune_lrs(
     if unknown:
         raise ValueError(f"Unknown kinds of tuning {unknown}; choose from {sorted(_KIND_SETTING)}.")
     dev = {name: data for name, data in resources.pool_dev(dev_examples).items() if name in tasks}
+    without = [task for task in tasks if task not in dev]
+    if without:
+        raise ValueError(
+            f"Choosing fine-tuning rates needs a dev set of every task it simulates episodes on; {without} "
+            "name none (dev or dev_split in the task file): add them or pass tasks= with those that do."
+        )
     sampler = FewShotSampler(
         {t: resources.pool()[t] for t in tasks}, n_way=None, k_shot=k, q_query=0, seed=config.seed
     )
