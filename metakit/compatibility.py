@@ -95,6 +95,7 @@ def documented_table() -> str:
         SecondOrder(),
         SecondOrder(hvp="forward"),
         SecondOrder(checkpoint=2),
+        SecondOrder(hvp="forward", checkpoint=2),
         FirstOrder(),
         Truncated(1),
         Reptile(),

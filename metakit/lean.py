@@ -174,97 +174,203 @@ class _Call:
     random: _RandomState | None = None
 
 
+def _step_forward(
+    call: _Call, index: int, params: Sequence[torch.Tensor], state_leaves, context, lr, replay: bool = False
+):
+    """One inner step, first order: ``(new params, new state leaves, gradient, loss)``, all detached.
+
+    ``replay``: the step runs again (in a backward pass), on throw-away buffers.
+    """
+    step, layout = call.step, call.layout
+    with torch.enable_grad():  # an autograd.Function's forward runs with grad mode off
+        leaves = [p.detach().requires_grad_(True) for p in params]
+        grads, loss = step.gradient(
+            index,
+            layout.params(leaves),
+            layout.context([c.detach() for c in context]),
+            create_graph=False,
+            replay=replay,
+        )
+    grads = [g.detach() for g in grads.values()]
+    new_params, new_state = step.update(
+        layout.params(grads),
+        layout.state(state_leaves),
+        layout.params([p.detach() for p in params]),
+        layout.lr_scales([s.detach() for s in lr]),
+    )
+    new_params = [p.detach() for p in new_params.values()]
+    new_leaves = [leaf.detach() for leaf in optree.tree_leaves(new_state)]
+    return new_params, new_leaves, grads, loss.detach()
+
+
+def _step_backward(
+    call: _Call,
+    index: int,
+    random: _RandomState,
+    saved: tuple[
+        Sequence[torch.Tensor], Sequence[torch.Tensor], Sequence[torch.Tensor], Sequence[torch.Tensor]
+    ],
+    grads: Sequence[torch.Tensor],
+    adj_params: Sequence[torch.Tensor | None],
+    adj_state: Sequence[torch.Tensor | None],
+) -> tuple[list[torch.Tensor], list[torch.Tensor | None], list[torch.Tensor], list[torch.Tensor]]:
+    """Pull one step's output adjoints back to its inputs: ``(params, state, context, lr)`` adjoints."""
+    step, layout = call.step, call.layout
+    params, state_leaves, context, lr = saved
+    n_p = len(params)
+    adj_params = [_or_zeros(a, p) for a, p in zip(adj_params, params, strict=True)]
+
+    # 1. Reverse mode through the optimizer's update (elementwise): adjoints of the gradient,
+    #    of the parameters' direct path, of the state and of the MetaSGD scales.
+    with torch.enable_grad():
+        g_in = [g.detach().requires_grad_(True) for g in grads]
+        p_in = [p.detach().requires_grad_(True) for p in params]
+        s_in = [
+            s.detach().requires_grad_(True) if is_float else s.detach()
+            for s, is_float in zip(state_leaves, layout.state_is_float, strict=True)
+        ]
+        lr_in = [s.detach().requires_grad_(True) for s in lr]
+        new_params, new_state = step.update(
+            layout.params(g_in), layout.state(s_in), layout.params(p_in), layout.lr_scales(lr_in)
+        )
+        outputs = list(new_params.values())
+        out_adjoints = list(adj_params)
+        for leaf, adjoint, is_float in zip(
+            optree.tree_leaves(new_state), adj_state, layout.state_is_float, strict=True
+        ):
+            if is_float and adjoint is not None and leaf.requires_grad:
+                outputs.append(leaf)
+                out_adjoints.append(adjoint)
+        float_state = [s for s, is_float in zip(s_in, layout.state_is_float, strict=True) if is_float]
+        inputs = g_in + p_in + float_state + lr_in
+        pulled = torch.autograd.grad(outputs, inputs, out_adjoints, allow_unused=True)
+    pulled = [_or_zeros(a, x) for a, x in zip(pulled, inputs, strict=True)]
+    v = pulled[:n_p]
+    grad_params = pulled[n_p : 2 * n_p]
+    grad_float_state = iter(pulled[2 * n_p : 2 * n_p + len(float_state)])
+    grad_lr = pulled[2 * n_p + len(float_state) :]
+
+    # 2. Forward over reverse: H_pp v and the mixed term H_cp v in one jvp of the gradient.
+    hvp_params, hvp_context = _hessian_vector_products(call, index, random, params, context, v)
+    grad_params = [g + h for g, h in zip(grad_params, hvp_params, strict=True)]
+    grad_state = [next(grad_float_state) if is_float else None for is_float in layout.state_is_float]
+    return grad_params, grad_state, hvp_context, grad_lr
+
+
 class _ForwardOverReverseStep(torch.autograd.Function):
     """One inner step whose backward forms Hessian-vector products by forward over reverse mode."""
 
     @staticmethod
     def forward(ctx, call: _Call, *flat: torch.Tensor):  # type: ignore[override]
-        step, layout = call.step, call.layout
+        layout = call.layout
         params, state_leaves, context, lr = layout.split(flat)
         call.random = _RandomState(list(params) + list(context))
-        with torch.enable_grad():  # an autograd.Function's forward runs with grad mode off
-            leaves = [p.detach().requires_grad_(True) for p in params]
-            grads, loss = step.gradient(
-                call.index,
-                layout.params(leaves),
-                layout.context([c.detach() for c in context]),
-                create_graph=False,
-            )
-        grads = list(grads.values())
-        new_params, new_state = step.update(
-            layout.params(grads),
-            layout.state(state_leaves),
-            layout.params([p.detach() for p in params]),
-            layout.lr_scales([s.detach() for s in lr]),
+        new_params, new_leaves, grads, loss = _step_forward(
+            call, call.index, params, state_leaves, context, lr
         )
-        new_leaves = optree.tree_leaves(new_state)
-        loss = loss.detach()
         ctx.call = call
         ctx.save_for_backward(*params, *state_leaves, *context, *lr, *grads)
         ctx.mark_non_differentiable(
             loss,
             *(leaf for leaf, is_float in zip(new_leaves, layout.state_is_float, strict=True) if not is_float),
         )
-        return (*new_params.values(), *new_leaves, loss)
+        return (*new_params, *new_leaves, loss)
 
     @staticmethod
     def backward(ctx, *adjoints: torch.Tensor | None):  # type: ignore[override]
         call: _Call = ctx.call
-        step, layout = call.step, call.layout
+        layout = call.layout
         n_p, n_s, n_c, n_lr = layout.sizes
         saved = ctx.saved_tensors
-        params, state_leaves, context, lr = layout.split(saved)
+        inputs = layout.split(saved)
         grads = saved[n_p + n_s + n_c + n_lr :]
-        adj_params = [_or_zeros(a, p) for a, p in zip(adjoints[:n_p], params, strict=True)]
-        adj_state = list(adjoints[n_p : n_p + n_s])
+        assert call.random is not None
+        grad_params, grad_state, grad_context, grad_lr = _step_backward(
+            call, call.index, call.random, inputs, grads, adjoints[:n_p], list(adjoints[n_p : n_p + n_s])
+        )
+        return (None, *grad_params, *grad_state, *grad_context, *grad_lr)
 
-        # 1. Reverse mode through the optimizer's update (elementwise): adjoints of the gradient,
-        #    of the parameters' direct path, of the state and of the MetaSGD scales.
-        with torch.enable_grad():
-            g_in = [g.detach().requires_grad_(True) for g in grads]
-            p_in = [p.detach().requires_grad_(True) for p in params]
-            s_in = [
-                s.detach().requires_grad_(True) if is_float else s.detach()
-                for s, is_float in zip(state_leaves, layout.state_is_float, strict=True)
-            ]
-            lr_in = [s.detach().requires_grad_(True) for s in lr]
-            new_params, new_state = step.update(
-                layout.params(g_in), layout.state(s_in), layout.params(p_in), layout.lr_scales(lr_in)
+
+class _ForwardOverReverseSegment(torch.autograd.Function):
+    """``count`` forward-over-reverse steps that keep only the segment's inputs.
+
+    The backward pass runs the segment's steps again, first order, keeping each step's inputs and
+    gradient (``count`` of them, not S), then pulls the adjoints back step by step as
+    `_ForwardOverReverseStep` does. Memory: S/k segment inputs + k steps' inputs and gradients + one
+    step's forward-over-reverse pass.
+    """
+
+    @staticmethod
+    def forward(ctx, call: _Call, *flat: torch.Tensor):  # type: ignore[override]
+        layout = call.layout
+        params, state_leaves, context, lr = layout.split(flat)
+        call.random = _RandomState(list(flat))
+        losses = []
+        for index in range(call.index, call.index + call.count):
+            params, state_leaves, _, loss = _step_forward(call, index, params, state_leaves, context, lr)
+            losses.append(loss)
+        losses = torch.stack(losses)
+        ctx.call = call
+        ctx.save_for_backward(*flat)
+        ctx.mark_non_differentiable(
+            losses,
+            *(
+                leaf
+                for leaf, is_float in zip(state_leaves, layout.state_is_float, strict=True)
+                if not is_float
+            ),
+        )
+        return (*params, *state_leaves, losses)
+
+    @staticmethod
+    def backward(ctx, *adjoints: torch.Tensor | None):  # type: ignore[override]
+        call: _Call = ctx.call
+        layout = call.layout
+        n_p, n_s, _, _ = layout.sizes
+        first_params, first_state, context, lr = layout.split(ctx.saved_tensors)
+        assert call.random is not None
+        # Run the segment again, from the RNG state of its first run, keeping every step's inputs.
+        steps = []
+        params, state_leaves = list(first_params), list(first_state)
+        with call.random.restored():
+            for index in range(call.index, call.index + call.count):
+                random = _RandomState(list(params) + list(context))
+                new_params, new_leaves, grads, _ = _step_forward(
+                    call, index, params, state_leaves, context, lr, replay=True
+                )
+                steps.append((index, random, params, state_leaves, grads))
+                params, state_leaves = new_params, new_leaves
+        adj_params, adj_state = list(adjoints[:n_p]), list(adjoints[n_p : n_p + n_s])
+        grad_context: list[torch.Tensor] | None = None
+        grad_lr: list[torch.Tensor] | None = None
+        while steps:
+            index, random, params, state_leaves, grads = steps.pop()
+            adj_params, adj_state, step_context, step_lr = _step_backward(
+                call, index, random, (params, state_leaves, context, lr), grads, adj_params, adj_state
             )
-            outputs = list(new_params.values())
-            out_adjoints = list(adj_params)
-            for leaf, adjoint, is_float in zip(
-                optree.tree_leaves(new_state), adj_state, layout.state_is_float, strict=True
-            ):
-                if is_float and adjoint is not None and leaf.requires_grad:
-                    outputs.append(leaf)
-                    out_adjoints.append(adjoint)
-            float_state = [s for s, is_float in zip(s_in, layout.state_is_float, strict=True) if is_float]
-            inputs = g_in + p_in + float_state + lr_in
-            pulled = torch.autograd.grad(outputs, inputs, out_adjoints, allow_unused=True)
-        pulled = [_or_zeros(a, x) for a, x in zip(pulled, inputs, strict=True)]
-        v = pulled[:n_p]
-        grad_params = pulled[n_p : 2 * n_p]
-        grad_float_state = iter(pulled[2 * n_p : 2 * n_p + len(float_state)])
-        grad_lr = pulled[2 * n_p + len(float_state) :]
+            grad_context = step_context if grad_context is None else _sum(grad_context, step_context)
+            grad_lr = step_lr if grad_lr is None else _sum(grad_lr, step_lr)
+        return (None, *adj_params, *adj_state, *(grad_context or []), *(grad_lr or []))
 
-        # 2. Forward over reverse: H_pp v and the mixed term H_cp v in one jvp of the gradient.
-        hvp_params, hvp_context = _hessian_vector_products(call, params, context, v)
-        grad_params = [g + h for g, h in zip(grad_params, hvp_params, strict=True)]
-        grad_state = [next(grad_float_state) if is_float else None for is_float in layout.state_is_float]
-        return (None, *grad_params, *grad_state, *hvp_context, *grad_lr)
+
+def _sum(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    return [x + y for x, y in zip(a, b, strict=True)]
 
 
 def _hessian_vector_products(
-    call: _Call, params: Sequence[torch.Tensor], context: Sequence[torch.Tensor], v: Sequence[torch.Tensor]
+    call: _Call,
+    index: int,
+    random: _RandomState,
+    params: Sequence[torch.Tensor],
+    context: Sequence[torch.Tensor],
+    v: Sequence[torch.Tensor],
 ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     layout = call.layout
-    gradient = call.step.gradient_with_live(call.index, {}, layout.context([c.detach() for c in context]))
+    gradient = call.step.gradient_with_live(index, {}, layout.context([c.detach() for c in context]))
     primals = layout.params([p.detach() for p in params])
     tangents = layout.params([t.detach() for t in v])
-    assert call.random is not None
     try:
-        with call.random.restored(), double_backward_safe():
+        with random.restored(), double_backward_safe():
             _, (hvp_inner, hvp_outer) = torch.func.jvp(gradient, (primals,), (tangents,))
     except (RuntimeError, NotImplementedError) as error:
         translated = forward_mode_error(error)
@@ -358,9 +464,17 @@ class _OpRunner:
 
 
 class ForwardOverReverse(_OpRunner):
-    """``SecondOrder(hvp="forward")``: each step one op keeping its inputs and gradient only."""
+    """``SecondOrder(hvp="forward")``: each step one op keeping its inputs and gradient only.
 
-    op = _ForwardOverReverseStep
+    With ``segment`` (``SecondOrder(hvp="forward", checkpoint=k)``), segments of ``k`` steps keep only
+    their inputs, and the backward pass runs a segment again before pulling its adjoints through.
+    """
+
+    op: type[torch.autograd.Function] = _ForwardOverReverseStep
+
+    def __init__(self, segment: int | None = None):
+        if segment is not None:
+            self.chunk, self.op = segment, _ForwardOverReverseSegment
 
 
 class Recomputed(_OpRunner):

@@ -84,6 +84,9 @@ class SecondOrder(Unrolled):
             operation in the support loss needs a forward-mode derivative.
         checkpoint: recompute the inner steps in segments of this many steps during the backward
             pass, each segment's graph freed once its adjoints are through: memory grows like S/k + k steps.
+            With ``hvp="forward"``, a segment keeps only its inputs and is run again (first order)
+            before its steps' forward-over-reverse backward: memory grows like S/k segment inputs +
+            k steps' parameters and gradients, with no activations kept per step.
 
     Example:
         >>> strategy = mk.SecondOrder(hvp="forward")  # the exact gradient, no activations kept per step
@@ -104,11 +107,6 @@ class SecondOrder(Unrolled):
                 "SecondOrder(checkpoint=...) must be None or an int >= 1 (inner steps per recomputed "
                 f"segment), got {checkpoint!r}."
             )
-        if checkpoint is not None and hvp == "forward":
-            raise ValueError(
-                "SecondOrder(hvp='forward') already keeps only each step's inputs; it does not combine "
-                "with checkpoint=k. Choose one."
-            )
         self.hvp = hvp
         self.checkpoint = checkpoint
 
@@ -123,7 +121,7 @@ class SecondOrder(Unrolled):
 
     def runner(self) -> Runner:
         if self.hvp == "forward":
-            return ForwardOverReverse()
+            return ForwardOverReverse(self.checkpoint)
         if self.checkpoint is not None:
             return Recomputed(self.checkpoint)
         return super().runner()

@@ -27,7 +27,12 @@ from metakit import recipes
 from metakit.executors import Distributed, Sequential, Vmap
 from metakit.peft import add_top_adapter, head_spec
 
-EXACT = [mk.SecondOrder(), mk.SecondOrder(hvp="forward"), mk.SecondOrder(checkpoint=2)]
+EXACT = [
+    mk.SecondOrder(),
+    mk.SecondOrder(hvp="forward"),
+    mk.SecondOrder(checkpoint=2),
+    mk.SecondOrder(hvp="forward", checkpoint=2),
+]
 STRATEGIES = [
     *EXACT,
     mk.FirstOrder(),

@@ -1,5 +1,6 @@
-"""The memory-lean exact modes, SecondOrder(hvp="forward") and SecondOrder(checkpoint=k), equal
-SecondOrder() (reverse over reverse) to 1e-10 in float64 on every configuration they support."""
+"""The memory-lean exact modes, SecondOrder(hvp="forward"), SecondOrder(checkpoint=k) and both
+combined, equal SecondOrder() (reverse over reverse) to 1e-10 in float64 on every configuration they
+support."""
 
 import pytest
 import torch
@@ -10,7 +11,14 @@ import metakit as mk
 from metakit import recipes
 from metakit.tasks import SineTasks, mse_loss
 
-LEAN = [mk.SecondOrder(hvp="forward"), mk.SecondOrder(checkpoint=1), mk.SecondOrder(checkpoint=2)]
+LEAN = [
+    mk.SecondOrder(hvp="forward"),
+    mk.SecondOrder(checkpoint=1),
+    mk.SecondOrder(checkpoint=2),
+    # Segments of forward-over-reverse steps: 4 steps as 3 + 1 (a short last segment) and as 2 + 2.
+    mk.SecondOrder(hvp="forward", checkpoint=3),
+    mk.SecondOrder(hvp="forward", checkpoint=2),
+]
 
 
 pytestmark = pytest.mark.usefixtures("float64")
@@ -188,7 +196,6 @@ def test_hvp_forward_names_an_operation_without_forward_mode_rule():
         ({"checkpoint": 0}, r"checkpoint=.*int >= 1"),
         ({"checkpoint": 2.0}, r"checkpoint=.*int >= 1"),
         ({"checkpoint": True}, r"checkpoint=.*int >= 1"),
-        ({"hvp": "forward", "checkpoint": 2}, r"does not combine"),
     ],
 )
 def test_bad_options(kwargs, match):
@@ -205,3 +212,33 @@ def test_truncated_longer_than_the_inner_loop_warns_once():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         meta_grads(mlp(), strategy, sine(2), steps=2)
+
+
+def _kept_bytes(monkeypatch, strategy, steps):
+    """Bytes the lean ops keep for the backward pass of one meta-step (distinct storages)."""
+    storages = {}
+    save = torch.autograd.function.FunctionCtx.save_for_backward
+
+    def counting(ctx, *tensors):
+        for tensor in tensors:
+            storage = tensor.untyped_storage()
+            storages.setdefault(storage.data_ptr(), storage)
+        return save(ctx, *tensors)
+
+    monkeypatch.setattr(torch.autograd.function.FunctionCtx, "save_for_backward", counting)
+    meta_grads(mlp(), strategy, sine(1), steps=steps)
+    monkeypatch.undo()
+    return sum(storage.nbytes() for storage in storages.values())
+
+
+def test_forward_segments_keep_segment_inputs_only(monkeypatch):
+    """hvp="forward" keeps every step's inputs and gradient; with checkpoint=k only every k-th step's
+    inputs, so what it keeps grows k times more slowly with S."""
+    params = sum(p.numel() * p.element_size() for p in mlp().parameters())
+    per_step = {}
+    for strategy in (mk.SecondOrder(hvp="forward"), mk.SecondOrder(hvp="forward", checkpoint=4)):
+        kept = [_kept_bytes(monkeypatch, strategy, steps) for steps in (8, 16)]
+        per_step[repr(strategy)] = (kept[1] - kept[0]) / 8
+    # inputs + gradient per step, against the inputs of one step in four
+    assert per_step["SecondOrder(hvp='forward')"] == pytest.approx(2 * params, rel=0.05)
+    assert per_step["SecondOrder(hvp='forward', checkpoint=4)"] == pytest.approx(params / 4, rel=0.05)
