@@ -12,6 +12,7 @@ import math
 import pytest
 import torch
 
+import metakit as mk
 from metakit.bench.config import Config
 from metakit.bench.memory import PeakRSS, SavedTensorCounter
 from metakit.bench.strategies import STRATEGIES, canonical_strategy, entry, names, unsupported_reason
@@ -262,6 +263,43 @@ def test_table_legend_explains_the_outcome_and_shows_residuals_only_when_measure
     assert "processes" not in table  # issue 11's column appears once a record has it
     two = dict(record, tasks_per_s=100.0, tasks_per_s_2_processes=180.0)
     assert "| 100.0 / 180.0 |" in markdown_table([two]) and "2 processes" in legend([two])
+
+
+def test_implicit_above_its_tolerance_is_not_ok_and_says_why():
+    from metakit.bench.measure import _unsolved
+    from metakit.bench.report import markdown_report
+
+    strategy = mk.Implicit(residual_tol=0.05)
+    assert _unsolved(strategy, {"optimality_residual": 0.01, "cg_residual": 1e-4}) == {"residual_tol": 0.05}
+    assert _unsolved(mk.SecondOrder(), {"optimality_residual": 1.0}) == {}
+    verdict = _unsolved(strategy, {"optimality_residual": 0.3, "cg_residual": 1e-4})
+    assert (
+        verdict["status"] == "unsolved"
+        and "optimality residual 0.3 above residual_tol=0.05" in (verdict["unsolved_note"])
+    )
+
+    base = _records_for_plots()[0]
+    implicit = dict(
+        base,
+        config=dict(base["config"], strategy="implicit"),
+        optimality_residual=0.3,
+        cosine=None,
+        cosine_to_second_order=0.91,
+        saved_mib=None,
+        saved_note="not measurable: the step runs under a torch.func transform",
+        **verdict,
+    )
+    environment = {
+        "versions": {"torch": "2.13"}, "machine": {"cpu": "x", "logical_cpus": 2, "memory_gib": 24,
+        "platform": "linux"}, "device": "cpu", "torch_threads_per_worker": 1, "python": "3.11",
+        "date_utc": "today",
+    }  # fmt: skip
+    report = markdown_report([base, implicit], environment)
+    row = next(line for line in report.splitlines() if "| Implicit |" in line)
+    assert "**unsolved**" in row and "0.9100 ‡" in row and "n/m §" in row and "3.0e-01" in row
+    assert "Unsolved (Implicit's residuals above its tolerance):" in report
+    assert "§ Saved bytes not measurable:" in report and "torch.func transform" in report
+    assert "did not complete" not in report  # it was measured; it did not fail
 
 
 def test_unknown_option_shows_the_bench_usage(capsys):

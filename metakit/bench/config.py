@@ -5,7 +5,14 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass
 
-__all__ = ["Config"]
+__all__ = ["MEASURED", "UNSOLVED", "Config"]
+
+#: The status of a measured configuration whose implicit gradient is not trustworthy: its inner problem
+#: or its linear solve stopped above the strategy's own ``residual_tol``.
+UNSOLVED = "unsolved"
+
+#: Statuses of configurations that were measured (time, memory, fidelity); any other status failed.
+MEASURED = ("ok", UNSOLVED)
 
 
 @dataclass(frozen=True)

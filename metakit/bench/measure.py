@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from metakit.bench.config import Config
+from metakit.bench.config import UNSOLVED, Config
 from metakit.bench.memory import PeakRSS, SavedTensorCounter
 from metakit.bench.outcome import meta_train_and_evaluate
 from metakit.bench.reference import proximal_reference_gradient, reference_meta_step
@@ -89,6 +89,7 @@ def measure(config: Config) -> dict:
         torch.save(grads, config.grad_path)
 
     record.update(diagnostics[0])  # the warm-up step's: on the initial weights, like the gradient
+    record.update(_unsolved(learner.strategy, record))
     if strategy.proximal:
         _restore(model, initial)
         record.update(_proximal_fidelity(config, built, learner.strategy, grads, inner_names, outer_names))
@@ -106,7 +107,10 @@ def measure(config: Config) -> dict:
             raise
         # torch.func transforms (torchopt's implicit differentiation, the Vmap executor) refuse these hooks
         record["saved_mib"] = None
-        record["saved_note"] = f"not measurable: {error}"
+        record["saved_note"] = (
+            "not measurable: the step runs under a torch.func transform, which refuses the saved-tensor "
+            f"hooks that count saved bytes ({str(error).splitlines()[0][:120]})"
+        )
 
     # 3. the hand-written loop on the same weights and batch: its gradient and saved bytes
     if run_reference is not None:
@@ -138,6 +142,27 @@ def measure(config: Config) -> dict:
         _restore(model, initial)
         record["outcome"] = meta_train_and_evaluate(learner, built, config.outcome_steps)
     return record
+
+
+def _unsolved(strategy, record: dict) -> dict:
+    """``status`` and a note when Implicit's optimality or CG residual is above its ``residual_tol``."""
+    tol = getattr(strategy, "residual_tol", None)
+    if tol is None:
+        return {}
+    above = {
+        name: record[key]
+        for key, name in (("optimality_residual", "optimality"), ("cg_residual", "CG"))
+        if record.get(key) is not None and record[key] > tol
+    }
+    if not above:
+        return {"residual_tol": tol}
+    residuals = ", ".join(f"{name} residual {value:.2g}" for name, value in above.items())
+    return {
+        "status": UNSOLVED,
+        "residual_tol": tol,
+        "unsolved_note": f"{residuals} above residual_tol={tol:g}: the implicit gradient's premise "
+        "(an inner problem solved to its tolerance) does not hold here",
+    }
 
 
 def mean_diagnostics(result) -> dict[str, float]:

@@ -18,6 +18,7 @@ from pathlib import Path
 import matplotlib.pyplot as plt
 from matplotlib.ticker import FixedLocator, FormatStrFormatter, LogLocator, NullFormatter, NullLocator
 
+from metakit.bench.config import MEASURED
 from metakit.bench.grid import GROUPS
 from metakit.bench.report import memory_column
 from metakit.bench.strategies import EXACT_REFERENCE, STRATEGIES, entry, strategy_label
@@ -56,7 +57,7 @@ def strategy_styles(names: Iterable[str]) -> dict[str, Style]:
 
 
 def _ok(records: Sequence[dict]) -> list[dict]:
-    return [r for r in records if r["status"] == "ok"]
+    return [r for r in records if r["status"] in MEASURED]
 
 
 def _strategies(records: Sequence[dict]) -> list[str]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
+from metakit.bench.config import MEASURED
 from metakit.bench.strategies import strategy_label
 
 __all__ = ["legend", "markdown_report", "markdown_table", "memory_column"]
@@ -40,7 +41,15 @@ def _cosine(record: dict) -> str:
     text = _number(record.get("cosine"), 4)
     if record.get("fidelity_reference") and text != "–":
         return text + " †"  # against the proximal problem's exact gradient, not SecondOrder()'s
+    if text == "–" and record.get("cosine_to_second_order") is not None:
+        return _number(record["cosine_to_second_order"], 4) + " ‡"  # Implicit without its own reference
     return text
+
+
+def _saved(record: dict) -> str:
+    if record.get("saved_mib") is None and record.get("saved_note"):
+        return "n/m §"
+    return _number(record.get("saved_mib"))
 
 
 def _row(record: dict, memory_key: str, optional: Sequence[str]) -> list[str]:
@@ -53,7 +62,7 @@ def _row(record: dict, memory_key: str, optional: Sequence[str]) -> list[str]:
         str(config["steps"]),
         _number(record.get("time_ms")),
         _number(record.get("overhead_ratio"), 2),
-        _number(record.get("saved_mib")),
+        _saved(record),
         _number(record.get(memory_key)),
         _cosine(record),
         _number(record.get("rel_error"), 3),
@@ -119,10 +128,15 @@ def legend(records: Sequence[dict]) -> str:
         "- **ms/meta-step**: median of the timed meta-steps after a warm-up step.",
         "- **× hand-written**: that time over a plain `torch.func` loop doing the same work "
         "(`benchmarks/reference.py`), timed alternately in the same process.",
-        "- **saved for backward**: distinct storages autograd saved during one meta-step (a total, not a peak).",
+        "- **saved for backward**: distinct storages autograd saved during one meta-step (a total, not a peak); "
+        "§ n/m: not measurable for this mode, the reason is listed below the table.",
         "- **peak memory**: increase over the first (warm-up) meta-step of a fresh process.",
         "- **cosine / rel. error**: the meta-gradient against SecondOrder()'s on the same weights and batch; "
-        "† Implicit: against the exact gradient of its own proximal inner problem solved to convergence.",
+        "† Implicit: against the exact gradient of its own proximal inner problem solved to convergence; "
+        "‡ Implicit where that reference is too costly: against SecondOrder()'s (MAML's) gradient, which "
+        "Implicit does not aim at.",
+        "- **status**: ok; **unsolved**: measured, but Implicit's inner optimality or CG residual ended above "
+        "its residual_tol, so its gradient is not the implicit gradient it claims (listed below the table).",
         f"- **sine query MSE after meta-training** (sine only): {outcome_text}.",
     ]
     if any(r.get("tasks_per_s_2_processes") is not None for r in records):
@@ -141,7 +155,7 @@ def legend(records: Sequence[dict]) -> str:
 def _failures(records: Sequence[dict]) -> list[str]:
     lines = []
     for record in records:
-        if record["status"] != "ok":
+        if record["status"] not in MEASURED:
             config = record["config"]
             error = (record.get("error") or "").splitlines()[0][:300] if record.get("error") else ""
             lines.append(
@@ -173,15 +187,20 @@ def markdown_report(records: Sequence[dict], environment: dict) -> str:
     failures = _failures(records)
     if failures:
         lines += ["", "Configurations that did not complete:", "", *failures]
-    notes = [
-        f"- {r['config']['workload']} / {strategy_label(r['config']['strategy'])} / S={r['config']['steps']}: "
-        f"{r['fidelity_note']}"
-        for r in records
-        if r.get("fidelity_note")
-    ]
-    if notes:
-        lines += ["", "Fidelity notes:", "", *notes]
+    for title, key in (
+        ("Unsolved (Implicit's residuals above its tolerance)", "unsolved_note"),
+        ("Fidelity notes", "fidelity_note"),
+        ("§ Saved bytes not measurable", "saved_note"),
+    ):
+        notes = [f"- {_where(r)}: {r[key]}" for r in records if r.get(key)]
+        if notes:
+            lines += ["", f"{title}:", "", *notes]
     return "\n".join(lines) + "\n"
+
+
+def _where(record: dict) -> str:
+    config = record["config"]
+    return f"{config['workload']} / {strategy_label(config['strategy'])} / S={config['steps']}"
 
 
 def _loads(values: Sequence[float] | None) -> str:
