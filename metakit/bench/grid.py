@@ -47,19 +47,26 @@ def default_strategies(workload: str) -> tuple[str, ...]:
     return {"all": _ALL, "core": _CORE, "sweep": _SWEEP, "implicit": _IMPLICIT}[WORKLOADS[workload].compared]
 
 
+#: Peak memory from S = 2 to 16 on every workload: how SecondOrder()'s grows against the sub-linear mode's.
+_GROWTH = (EXACT_REFERENCE, "second-order-forward-checkpoint-4")
+_LONG = ("bert-long", "priming-long")
+
 QUICK = (
     # Implicit's proximal reference takes minutes (thousands of Hessian-vector products): --full only.
     GridEntry("sine", default_strategies("sine"), (1, 5), outcome_steps=20, proximal_reference=False),
     # BERT's quick row keeps to the core strategies: Implicit alone would double the run's time.
-    GridEntry("bert", _CORE, (1,)),
-    GridEntry("priming", default_strategies("priming"), (1,)),
+    GridEntry("bert", _CORE, (1, 5), reference_at=(1,)),
+    GridEntry("priming", default_strategies("priming"), (1, 5), reference_at=(1,)),
+    # Activations dominate: what the memory-lean modes are for shows at S > 1.
+    GridEntry("bert-long", _CORE, (1, 5), reference_at=(1,)),
 )
 
-#: The committed CPU grid (about 40 minutes on 2 CPU cores, one thread per configuration): every exact
-#: mode and FirstOrder at S = 1, 5, 10, 20 on sine and bert (memory against S), the other strategies on
-#: sine, priming with feature reuse at S = 1, 5, 10, Vmap against Sequential on 25 sine tasks, and
-#: Implicit where its inner problem is solved (sine-tanh). S=20 runs without the hand-written loop
-#: (its ratio is reported at S <= 10). ``--workloads sweep`` measures the size sweep.
+#: The committed CPU grid (2 CPU cores, one thread per configuration): every exact mode and FirstOrder
+#: at S = 1, 5, 10, 20 on sine and bert (memory against S), the other strategies on sine, priming with
+#: feature reuse at S = 1, 5, 10, the activation-heavy workloads at S = 1, 5, 10, 20 (one step per
+#: segment at S = 10 besides), peak memory at S = 2 and 16 on every workload, Vmap against Sequential on
+#: 25 sine tasks, and Implicit where its inner problem is solved (sine-tanh). S >= 16 runs without the
+#: hand-written loop (its ratio is reported at S <= 10). ``--workloads sweep`` measures the size sweep.
 FULL = (
     GridEntry(
         "sine",
@@ -74,6 +81,10 @@ FULL = (
     GridEntry("priming", _CORE, (1, 5, 10)),
     GridEntry("bert", _CORE, (1, 5, 10)),
     GridEntry("bert", _CORE, (20,), reference_at=()),
+    *(GridEntry(name, _CORE, (1, 5, 10), reference_at=(1, 5)) for name in _LONG),
+    *(GridEntry(name, _CORE, (20,), reference_at=()) for name in _LONG),
+    GridEntry("bert-long", ("second-order-checkpoint-1",), (10,), reference_at=()),
+    *(GridEntry(name, _GROWTH, (2, 16), reference_at=()) for name in ("sine", "bert", "priming", *_LONG)),
 )
 
 

@@ -92,6 +92,15 @@ STRATEGIES: tuple[StrategyEntry, ...] = (
         core=True,
     ),
     StrategyEntry("second-order-checkpoint-4", "SecondOrder(checkpoint=4)", exact=True, core=True),
+    StrategyEntry(
+        "second-order-forward-checkpoint-4",
+        'SecondOrder(hvp="forward", checkpoint=4)',
+        label="SecondOrder(hvp=forward, checkpoint=4)",
+        exact=True,
+        core=True,
+    ),
+    # One step per segment: each step recomputed alone, reverse over reverse (the activation-heavy case).
+    StrategyEntry("second-order-checkpoint-1", "SecondOrder(checkpoint=1)", exact=True, default=False),
     StrategyEntry("first-order", "FirstOrder()", first_order=True, core=True, sweep=True),
     StrategyEntry("truncated-1", "Truncated(1)"),
     StrategyEntry("reptile", "Reptile()"),
