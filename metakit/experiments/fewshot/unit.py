@@ -57,7 +57,7 @@ def fewshot_units(config: FewShotConfig, resources: FewShotResources | None = No
                         if (task, k, episode) not in resources.skipped:
                             resources.skipped.append((task, k, episode))
                             logger.warning(
-                                "Skipping %s k=%d episode %d: its file is empty upstream.",
+                                "Skipping LEOPARD %s k=%d episode %d: its file is empty upstream.",
                                 task,
                                 k,
                                 episode,
