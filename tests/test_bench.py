@@ -70,7 +70,8 @@ def test_every_list_of_strategies_comes_from_the_table():
     core = tuple(e.name for e in STRATEGIES if e.core)
     default = tuple(e.name for e in STRATEGIES if e.default)
     assert len(set(table)) == len(table) and len({e.label for e in STRATEGIES}) == len(table)
-    assert set(core) == {e.name for e in STRATEGIES if e.exact and e.executor is None} | {"first-order"}
+    exact_fp32 = {e.name for e in STRATEGIES if e.exact and e.executor is None and e.precision == "fp32"}
+    assert set(core) == {n for n in exact_fp32 if entry(n).default} | {"first-order"}
     assert default_strategies("sine") == default_strategies("bert") == default
     assert default_strategies("priming") == core
     assert default_strategies("bert-h128") == tuple(e.name for e in STRATEGIES if e.sweep)
@@ -82,6 +83,17 @@ def test_every_list_of_strategies_comes_from_the_table():
     for workload in ("sine", "bert"):
         measured = {(s, n) for g in FULL if g.workload == workload for s in g.strategies for n in g.steps}
         assert {(s, n) for s in core for n in (1, 5, 10, 20)} <= measured
+    # issue 20's: the activation-heavy workloads at S = 1, 5, 10, 20, and S = 2 and 16 on every workload
+    for workload in ("bert-long", "priming-long"):
+        measured = {(s, n) for g in FULL if g.workload == workload for s in g.strategies for n in g.steps}
+        assert {(s, n) for s in core for n in (1, 5, 10, 20)} <= measured
+    for workload in ("sine", "bert", "priming", "bert-long", "priming-long"):
+        measured = {(s, n) for g in FULL if g.workload == workload for s in g.strategies for n in g.steps}
+        assert {
+            (s, n) for s in ("second-order", "second-order-forward-checkpoint-4") for n in (2, 16)
+        } <= measured
+    quick = {(g.workload, n) for g in QUICK for n in g.steps}
+    assert {("bert", 5), ("priming", 5), ("bert-long", 5)} <= quick  # what the lean modes are for shows
 
 
 def test_strategies_are_built_lazily_and_missing_options_are_unsupported():
