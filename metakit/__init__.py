@@ -18,6 +18,7 @@ from metakit.implicit import ImplicitResidualError, ImplicitResidualWarning
 from metakit.inner import InnerLoop, InnerLossError
 from metakit.lean import ForwardModeError
 from metakit.learner import MetaLearner, MetaStepResult
+from metakit.planning import Device, Plan, plan
 from metakit.preflight import Report, check
 from metakit.reuse import Cut, CutError
 from metakit.spec import Spec, combine, everything, explain, module_type, nothing, regex, select
@@ -31,6 +32,7 @@ __all__ = [
     "CompositionError",
     "Cut",
     "CutError",
+    "Device",
     "FirstOrder",
     "ForwardModeError",
     "Implicit",
@@ -40,6 +42,7 @@ __all__ = [
     "InnerLossError",
     "MetaLearner",
     "MetaStepResult",
+    "Plan",
     "Report",
     "Reptile",
     "SecondOrder",
@@ -58,6 +61,7 @@ __all__ = [
     "module_type",
     "nothing",
     "peft",
+    "plan",
     "recipes",
     "regex",
     "select",

@@ -1,0 +1,231 @@
+"""Validate ``mk.plan`` on this CPU: predicted against measured peak memory of the first meta-step.
+
+For every bench workload, inner-step count and planned mode, the prediction is made in this process
+(a fake trace, nothing runs) and the measurement in a fresh process: the peak RSS increase of the
+first meta-step (`metakit.bench.memory.PeakRSS`, as ``metakit bench`` measures it), with one
+torch thread. A configuration whose step the planner itself predicts to take longer than
+``--max-seconds`` on this CPU is not measured, and the table says so. Run::
+
+    python -m metakit.bench.plan_validation --out benchmarks/results/plan-validation.md
+    python -m metakit.bench.plan_validation --workloads sine bert --steps 1 5   # a part
+
+Records go to ``<out>.jsonl`` as they come (a rerun skips what is there); the table is rebuilt from
+them at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+__all__ = ["main", "measure_one", "predict", "predict_learner"]
+
+MIB = 2**20
+WORKLOADS = ("sine", "bert", "priming", "bert-long", "priming-long")
+TOLERANCE = 0.25
+
+
+def _learner(built, strategy, steps: int):
+    """The learner `metakit.bench.strategies.build_learner` builds, with ``strategy`` in it."""
+    import torchopt
+
+    import metakit as mk
+
+    if built.priming:
+        return mk.recipes.priming(
+            built.model,
+            built.loss_fn,
+            pe=built.pe,
+            head=built.head,
+            inner_lr=built.inner_lr,
+            steps=steps,
+            strategy=strategy,
+        )
+    return mk.MetaLearner(
+        built.model,
+        built.loss_fn,
+        inner=mk.InnerLoop(params=built.inner, optimizer=torchopt.sgd(lr=built.inner_lr), steps=steps),
+        outer_params=built.outer,
+        strategy=strategy,
+    )
+
+
+def predict_learner(workload: str, steps: int):
+    """A bench workload built on the CPU and its learner (FirstOrder; the plan replaces the strategy)."""
+    import metakit as mk
+    from metakit.bench.workloads import WORKLOADS as BENCH
+
+    built = BENCH[workload].build(torch.device("cpu"))
+    return built, _learner(built, mk.FirstOrder(), steps)
+
+
+def predict(workload: str, steps: int):
+    """The plan of ``workload`` at ``steps`` inner steps on this CPU (one torch thread)."""
+    import metakit as mk
+
+    built, learner = predict_learner(workload, steps)
+    return mk.plan(built.model, learner, built.tasks, device="cpu")
+
+
+def measure_one(workload: str, mode: str, steps: int) -> dict:
+    """Peak RSS increase and time of the first meta-step of one configuration, in this process."""
+    from metakit.bench.memory import PeakRSS
+    from metakit.bench.workloads import WORKLOADS as BENCH
+    from metakit.planning import default_modes
+
+    built = BENCH[workload].build(torch.device("cpu"))
+    (entry,) = [m for m in default_modes(steps) if m.label == mode]
+    learner = _learner(built, entry.build(), steps)
+    gc.collect()
+    with PeakRSS() as rss:
+        started = time.perf_counter()
+        learner.meta_step(built.tasks)
+        seconds = time.perf_counter() - started
+    return {"measured_mib": rss.increase / MIB, "measured_s": seconds, "rss_method": rss.method}
+
+
+def _measure_in_child(workload: str, mode: str, steps: int, timeout: float) -> dict:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "metakit.bench.plan_validation", "--measure", workload, mode, str(steps)]
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=timeout, check=False)
+    except subprocess.TimeoutExpired:
+        return {"status": f"timed out after {timeout:.0f} s"}
+    if done.returncode != 0:
+        return {"status": "error: " + (done.stderr.strip().splitlines() or ["?"])[-1]}
+    return {"status": "ok", **json.loads(done.stdout.strip().splitlines()[-1])}
+
+
+def _records(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def run(workloads, steps_list, out: Path, max_seconds: float) -> None:
+    """Predict and measure every configuration not yet in ``<out>.jsonl``, then write the table."""
+    records_path = out.with_suffix(".jsonl")
+    done = {(r["workload"], r["steps"], r["mode"]) for r in _records(records_path)}
+    for workload in workloads:
+        for steps in steps_list:
+            if all((workload, steps, m) in done for m in _labels(steps)):
+                continue
+            started = time.perf_counter()
+            planned = predict(workload, steps)
+            trace_s = (time.perf_counter() - started) / len(planned.rows)
+            for row in planned.rows:
+                if (workload, steps, row.mode) in done:
+                    continue
+                record = {
+                    "workload": workload,
+                    "steps": steps,
+                    "mode": row.mode,
+                    "predicted_mib": None if row.step_bytes is None else row.step_bytes / MIB,
+                    "predicted_s": row.seconds,
+                    "trace_s": trace_s,
+                    "load_average": list(os.getloadavg()),
+                }
+                if not row.planned:
+                    record["status"] = row.note
+                elif row.seconds > max_seconds:
+                    record["status"] = (
+                        f"not measured: predicted {row.seconds:.0f} s on this CPU > {max_seconds:.0f} s"
+                    )
+                else:
+                    record.update(_measure_in_child(workload, row.mode, steps, timeout=20 * max_seconds))
+                print(json.dumps(record), flush=True)
+                with records_path.open("a") as file:
+                    file.write(json.dumps(record) + "\n")
+    out.write_text(_table(_records(records_path)))
+
+
+def _labels(steps: int) -> list[str]:
+    from metakit.planning import default_modes
+
+    return [m.label for m in default_modes(steps)]
+
+
+def _table(records: list[dict]) -> str:
+    from metakit.bench.environment import describe_environment
+
+    environment = describe_environment("cpu", 1)
+    lines = [
+        "# mk.plan: predicted against measured peak memory on this CPU",
+        "",
+        f"Machine: {environment['machine']['cpu']}, {environment['machine']['logical_cpus']} logical CPUs, "
+        f"{environment['machine']['memory_gib']} GiB; torch {environment['versions']['torch']}, one torch thread; "
+        f"commit {environment['git_commit']}; written {environment['date_utc']}.",
+        "",
+        'Predicted: the bytes the meta-step allocates, from a fake-tensor trace (`mk.plan(..., device="cpu")`). '
+        "Measured: the peak RSS increase of the first meta-step in a fresh process (`PeakRSS`, as `metakit bench`). "
+        f"Error = predicted / measured - 1; a row passes within ±{TOLERANCE:.0%}.",
+        "",
+        "| workload | S | mode | predicted | measured | error | predicted time | measured time | load | status |",
+        "|---|---:|---|---:|---:|---:|---:|---:|---|---|",
+    ]
+    for r in records:
+        measured = r.get("measured_mib")
+        predicted = r.get("predicted_mib")
+        error = predicted / measured - 1 if measured and predicted is not None else None
+        status = r.get("status", "")
+        if status == "ok":
+            status = "ok" if abs(error) <= TOLERANCE else "**miss**"
+        lines.append(
+            f"| {r['workload']} | {r['steps']} | {r['mode']} | {_mib(predicted)} | {_mib(measured)} | "
+            f"{'' if error is None else f'{error:+.0%}'} | {_s(r.get('predicted_s'))} | {_s(r.get('measured_s'))} | "
+            f"{r['load_average'][0]:.1f} | {status} |"
+        )
+    checked = [r for r in records if r.get("status") == "ok"]
+    if checked:
+        worst = max(checked, key=lambda r: abs(r["predicted_mib"] / r["measured_mib"] - 1))
+        lines += [
+            "",
+            f"{len(checked)} configurations measured; worst error "
+            f"{worst['predicted_mib'] / worst['measured_mib'] - 1:+.0%} ({worst['workload']}, S={worst['steps']}, {worst['mode']}).",
+        ]
+    return "\n".join(lines) + "\n"
+
+
+def _mib(value) -> str:
+    return "" if value is None else f"{value:,.1f} MiB"
+
+
+def _s(value) -> str:
+    return "" if value is None else f"{value:.2f} s"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m metakit.bench.plan_validation", description=__doc__.splitlines()[0]
+    )
+    parser.add_argument("--measure", nargs=3, metavar=("WORKLOAD", "MODE", "S"), help=argparse.SUPPRESS)
+    parser.add_argument("--workloads", nargs="+", default=list(WORKLOADS), choices=WORKLOADS)
+    parser.add_argument("--steps", nargs="+", type=int, default=[1, 5, 10])
+    parser.add_argument("--out", type=Path, default=Path("plan-validation.md"))
+    parser.add_argument(
+        "--max-seconds", type=float, default=120.0, help="skip configurations predicted slower"
+    )
+    parser.add_argument("--table-only", action="store_true", help="rebuild the table from <out>.jsonl")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)
+    if args.measure:
+        workload, mode, steps = args.measure
+        print(json.dumps(measure_one(workload, mode, int(steps))))
+        return 0
+    if args.table_only:
+        args.out.write_text(_table(_records(args.out.with_suffix(".jsonl"))))
+        return 0
+    run(args.workloads, args.steps, args.out, args.max_seconds)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
