@@ -19,6 +19,7 @@ import argparse
 import gc
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -153,6 +154,33 @@ def _labels(steps: int) -> list[str]:
     return [m.label for m in default_modes(steps)]
 
 
+def _family(mode: str) -> str:
+    """The mode without its segment length: what its first use loads does not depend on k."""
+    return re.sub(r"checkpoint=\d+", "checkpoint=k", mode)
+
+
+def rss_model(records: list[dict]) -> tuple[dict[str, float], float]:
+    """RSS = ratio × predicted bytes + first-use cost of the mode, calibrated on sine and bert at S=1.
+
+    The first meta-step of a fresh process also loads what the mode uses for the first time (code
+    pages, lazily imported modules: torch.func for forward mode), a cost that does not scale with the
+    step: sine's steps allocate under 1 MiB, so its measured increase is that cost. The ratio is
+    the allocator's (glibc keeps freed heap pages resident): bert at S=1, median over modes.
+    """
+    ok = [r for r in records if r.get("status") == "ok"]
+    first_use = {
+        _family(r["mode"]): r["measured_mib"] - r["predicted_mib"]
+        for r in ok
+        if r["workload"] == "sine" and r["steps"] == 1
+    }
+    ratios = sorted(
+        (r["measured_mib"] - first_use.get(_family(r["mode"]), 0.0)) / r["predicted_mib"]
+        for r in ok
+        if r["workload"] == "bert" and r["steps"] == 1
+    )
+    return first_use, ratios[len(ratios) // 2] if ratios else 1.0  # 1.0 until bert at S=1 is measured
+
+
 def _table(records: list[dict]) -> str:
     from metakit.bench.environment import describe_environment
 
@@ -168,28 +196,40 @@ def _table(records: list[dict]) -> str:
         "Measured: the peak RSS increase of the first meta-step in a fresh process (`PeakRSS`, as `metakit bench`). "
         f"Error = predicted / measured - 1; a row passes within ±{TOLERANCE:.0%}.",
         "",
-        "| workload | S | mode | predicted | measured | error | predicted time | measured time | load | status |",
-        "|---|---:|---|---:|---:|---:|---:|---:|---|---|",
+    ]
+    first_use, ratio = rss_model(records)
+    lines += [
+        f"RSS model: RSS increase = {ratio:.2f} × predicted bytes + the mode's first-use cost "
+        f"({', '.join(f'{k}: {v:.0f} MiB' for k, v in first_use.items())}); the cost is calibrated on sine at S=1, "
+        "the ratio on bert at S=1 (`rss_model`): those rows pass by construction, the others validate it. "
+        "'raw' is the error of the bytes alone.",
+        "",
+        "| workload | S | mode | predicted bytes | predicted RSS | measured | error | raw | predicted time | measured time | load | status |",
+        "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---|---|",
     ]
     for r in records:
         measured = r.get("measured_mib")
-        predicted = r.get("predicted_mib")
+        raw = r.get("predicted_mib")
+        predicted = None if raw is None else ratio * raw + first_use.get(_family(r["mode"]), 0.0)
+        r["modelled_mib"] = predicted
         error = predicted / measured - 1 if measured and predicted is not None else None
+        raw_error = raw / measured - 1 if measured and raw is not None else None
         status = r.get("status", "")
         if status == "ok":
             status = "ok" if abs(error) <= TOLERANCE else "**miss**"
         lines.append(
-            f"| {r['workload']} | {r['steps']} | {r['mode']} | {_mib(predicted)} | {_mib(measured)} | "
-            f"{'' if error is None else f'{error:+.0%}'} | {_s(r.get('predicted_s'))} | {_s(r.get('measured_s'))} | "
+            f"| {r['workload']} | {r['steps']} | {r['mode']} | {_mib(raw)} | {_mib(predicted)} | {_mib(measured)} | "
+            f"{'' if error is None else f'{error:+.0%}'} | {'' if raw_error is None else f'{raw_error:+.0%}'} | {_s(r.get('predicted_s'))} | {_s(r.get('measured_s'))} | "
             f"{r['load_average'][0]:.1f} | {status} |"
         )
     checked = [r for r in records if r.get("status") == "ok"]
     if checked:
-        worst = max(checked, key=lambda r: abs(r["predicted_mib"] / r["measured_mib"] - 1))
+        worst = max(checked, key=lambda r: abs(r["modelled_mib"] / r["measured_mib"] - 1))
+        misses = sum(abs(r["modelled_mib"] / r["measured_mib"] - 1) > TOLERANCE for r in checked)
         lines += [
             "",
-            f"{len(checked)} configurations measured; worst error "
-            f"{worst['predicted_mib'] / worst['measured_mib'] - 1:+.0%} ({worst['workload']}, S={worst['steps']}, {worst['mode']}).",
+            f"{len(checked)} configurations measured, {misses} outside ±{TOLERANCE:.0%}; worst error "
+            f"{worst['modelled_mib'] / worst['measured_mib'] - 1:+.0%} ({worst['workload']}, S={worst['steps']}, {worst['mode']}).",
         ]
     return "\n".join(lines) + "\n"
 
