@@ -123,13 +123,17 @@ def measure(config: Config) -> dict:
         record["reference_saved_mib"] = reference_saved.nbytes / MIB
 
     # 4. timing: metakit and the hand-written loop alternate
-    times, reference_times = [], []
+    times, cpu_times, reference_times = [], [], []
     for _ in range(config.repeats):
-        times.append(_timed(metakit_step, model, sync))
+        wall, cpu = _timed(metakit_step, model, sync)
+        times.append(wall)
+        cpu_times.append(cpu)
         if run_reference is not None:
-            reference_times.append(_timed(run_reference, model, sync))
+            reference_times.append(_timed(run_reference, model, sync)[0])
     record["times_ms"] = times
     record["time_ms"] = statistics.median(times)
+    record["cpu_times_ms"] = cpu_times
+    record["cpu_time_ms"] = statistics.median(cpu_times)
     # One process; a distributed executor's run adds "tasks_per_s_2_processes" beside it.
     record["tasks_per_s"] = len(built.tasks) / (record["time_ms"] / 1e3)
     if reference_times:
@@ -245,13 +249,20 @@ def cosine_and_relative_error(
     return cosine, relative
 
 
-def _timed(step: Callable[[], torch.Tensor], model: nn.Module, sync: Callable[[], None]) -> float:
+def _timed(
+    step: Callable[[], torch.Tensor], model: nn.Module, sync: Callable[[], None]
+) -> tuple[float, float]:
+    """Wall-clock and CPU milliseconds of one meta-step.
+
+    The process's CPU time does not count the time it waited for a core, so on a shared machine it is
+    the steadier measure of what a one-thread CPU configuration costs (on CUDA it says little).
+    """
     _zero_grads(model)
     sync()
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), time.process_time()
     step()
     sync()
-    return 1e3 * (time.perf_counter() - started)
+    return 1e3 * (time.perf_counter() - started), 1e3 * (time.process_time() - cpu_started)
 
 
 def _synchronizer(device: torch.device) -> Callable[[], None]:

@@ -15,6 +15,7 @@ _COLUMNS = (
     "strategy",
     "S",
     "ms/meta-step",
+    "CPU ms",
     "× hand-written",
     "saved for backward MiB",
     "peak {memory} MiB",
@@ -61,6 +62,7 @@ def _row(record: dict, memory_key: str, optional: Sequence[str]) -> list[str]:
         strategy_label(config["strategy"]),
         str(config["steps"]),
         _number(record.get("time_ms")),
+        _number(record.get("cpu_time_ms")),
         _number(record.get("overhead_ratio"), 2),
         _saved(record),
         _number(record.get(memory_key)),
@@ -125,7 +127,9 @@ def legend(records: Sequence[dict]) -> str:
         else "not measured in this run"
     )
     lines = [
-        "- **ms/meta-step**: median of the timed meta-steps after a warm-up step.",
+        "- **ms/meta-step**: median wall-clock time of the timed meta-steps after a warm-up step; **CPU ms**: "
+        "the same steps' process CPU time, which does not count waiting for a core (the steadier measure "
+        "on a shared machine; a configuration runs on one thread).",
         "- **× hand-written**: that time over a plain `torch.func` loop doing the same work "
         "(`benchmarks/reference.py`), timed alternately in the same process.",
         "- **saved for backward**: distinct storages autograd saved during one meta-step (a total, not a peak); "
