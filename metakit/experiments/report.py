@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from metakit.experiments.paired import interval_text, paired_difference
 from metakit.experiments.settings import SETTINGS
 
 __all__ = [
@@ -21,6 +22,7 @@ __all__ = [
     "load_unit_result",
     "markdown_table",
     "meta_priming_comparison",
+    "paired_comparisons",
     "read_results",
     "render_report",
     "save_predictions",
@@ -242,6 +244,43 @@ def meta_priming_comparison(units: Sequence[dict], targets: Sequence[str]) -> st
     return "\n".join(lines) + "\n"
 
 
+#: The paired comparisons of the report: meta priming (4) against each setting it claims to beat.
+PAIRED = ((4, 3), (4, 5), (4, 6), (4, 7))
+
+
+def paired_comparisons(units: Sequence[dict], targets: Sequence[str]) -> str:
+    """Meta priming (4) against 3, 5, 6, 7 over the (target, seed) units both have, with intervals.
+
+    One row per comparison (over all pairs and over the per-target means), then one column per target:
+    its mean difference over seeds with the Student-t interval over those seeds.
+    """
+    f1 = {(u["setting"], u["lang"], u["seed"]): u["f1"] for u in units}
+    header = "| a vs b | pairs | wins/losses/ties | mean difference | 95% CI, pairs | 95% CI, targets | "
+    lines = [
+        header + " | ".join(targets) + " |",
+        "|---|---|---|---|---|---|" + "---|" * len(targets),
+    ]
+    for a, b in PAIRED:
+        values = [{k[1:]: v for k, v in f1.items() if k[0] == setting} for setting in (a, b)]
+        result = paired_difference(*values)
+        if not result["pairs"]:
+            continue
+        cells = []
+        for lang in targets:
+            group = result["by_group"].get(lang)
+            cells.append(
+                "–"
+                if group is None
+                else f"{100 * group['mean_difference']:+.1f} {interval_text(group['ci95'])} (n={group['pairs']})"
+            )
+        lines.append(
+            f"| {a} vs {b} | {result['pairs']} | {result['wins']}/{result['losses']}/{result['ties']} | "
+            f"{100 * result['mean_difference']:+.1f} | {interval_text(result['ci95'])} | "
+            f"{interval_text(result['ci95_groups'])} | " + " | ".join(cells) + " |"
+        )
+    return "\n".join(lines) + "\n"
+
+
 def adaptation_table(priming: dict[str, dict[str, Any]]) -> str:
     """Per meta-priming run: mean query loss before and after the inner loop, and the gain (pre − post).
 
@@ -295,6 +334,11 @@ def render_report(results: dict[str, Any]) -> str:
         "### Does meta priming (4) beat the other priming variants and adapter tuning?\n",
         "Difference of mean F1 × 100 over the seeds both settings finished.\n",
         meta_priming_comparison(units, targets),
+        "### Paired comparisons over (target, seed)\n",
+        "F1 difference × 100, a − b, over the units both settings finished; 95% Student-t intervals over "
+        "the pairs and over the per-target means (which does not count a target's seeds as independent); "
+        "per target: the mean over its seeds, the interval over those seeds, and their number.\n",
+        paired_comparisons(units, targets),
     ]
     if any(SETTINGS[int(k.split("-")[0][1:])].priming != "finetune" for k in results.get("priming", {})):
         parts += [

@@ -16,9 +16,8 @@ from collections import Counter, defaultdict
 from collections.abc import Sequence
 from typing import Any
 
-from scipy import stats
-
 from metakit.experiments.fewshot.settings import FEWSHOT_SETTINGS
+from metakit.experiments.paired import interval_text, paired_difference
 
 __all__ = ["COMPARISONS", "fewshot_table", "paired_comparison", "render_fewshot_report"]
 
@@ -80,37 +79,15 @@ def paired_comparison(
     for unit in units:
         if unit["setting"] in values and not math.isnan(unit[metric]):
             values[unit["setting"]][(unit["task"], unit["k"], unit["episode"])] = unit[metric]
-    shared = sorted(set(values[a]) & set(values[b]))
-    diffs = [values[a][key] - values[b][key] for key in shared]
-    result: dict[str, Any] = {
+    result = paired_difference(values[a], values[b], confidence)
+    return {
         "a": a,
         "b": b,
         "metric": metric,
-        "pairs": len(diffs),
-        "wins": sum(d > 0 for d in diffs),
-        "losses": sum(d < 0 for d in diffs),
-        "ties": sum(d == 0 for d in diffs),
-        "mean_difference": statistics.fmean(diffs) if diffs else float("nan"),
-        "ci95": None,
+        **{key: result[key] for key in ("pairs", "wins", "losses", "ties", "mean_difference", "ci95")},
+        "tasks": result["groups"],
+        "ci95_tasks": result["ci95_groups"],
     }
-    result["ci95"] = _t_interval(diffs, confidence)
-    per_task: dict[str, list[float]] = defaultdict(list)
-    for key, diff in zip(shared, diffs, strict=True):
-        per_task[key[0]].append(diff)
-    result["tasks"] = len(per_task)
-    result["ci95_tasks"] = _t_interval([statistics.fmean(v) for v in per_task.values()], confidence)
-    return result
-
-
-def _t_interval(values: Sequence[float], confidence: float) -> tuple[float, float] | None:
-    """The two-sided Student-t interval of the mean of ``values`` (``None`` with fewer than 2)."""
-    if len(values) < 2:
-        return None
-    mean = statistics.fmean(values)
-    half = (
-        stats.t.ppf(0.5 + confidence / 2, len(values) - 1) * statistics.stdev(values) / math.sqrt(len(values))
-    )
-    return float(mean - half), float(mean + half)
 
 
 #: The paired comparisons the report shows: (a, b) means "a against b".
@@ -124,10 +101,6 @@ COMPARISONS = (
 )
 
 
-def _interval(ci: tuple[float, float] | None) -> str:
-    return "–" if ci is None else f"[{100 * ci[0]:+.1f}, {100 * ci[1]:+.1f}]"
-
-
 def _comparison_rows(units: Sequence[dict[str, Any]]) -> list[str]:
     present = {unit["setting"] for unit in units}
     rows = []
@@ -139,7 +112,7 @@ def _comparison_rows(units: Sequence[dict[str, Any]]) -> list[str]:
             label = f"({FEWSHOT_SETTINGS[a].letter}) {a} vs ({FEWSHOT_SETTINGS[b].letter}) {b}"
             rows.append(
                 f"| {label} | {metric} | {r['pairs']} | {r['wins']}/{r['losses']}/{r['ties']} | "
-                f"{100 * r['mean_difference']:+.1f} | {_interval(r['ci95'])} | {_interval(r['ci95_tasks'])} |"
+                f"{100 * r['mean_difference']:+.1f} | {interval_text(r['ci95'])} | {interval_text(r['ci95_tasks'])} |"
             )
     if not rows:
         return []
