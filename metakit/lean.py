@@ -172,6 +172,32 @@ class _Call:
     index: int
     count: int = 1
     random: _RandomState | None = None
+    #: Per context tensor: does the support loss depend on it? Found once, by the first step's graph.
+    used: list[bool] | None = None
+
+
+def _reached(loss: torch.Tensor, leaves: Sequence[torch.Tensor]) -> list[bool]:
+    """Which ``leaves`` ``loss``'s graph reaches (the graph's structure outlives its freed buffers).
+
+    Under a cut, the live context holds every outer-only parameter, of which the top reads few; the
+    mixed term of the others is zero, and forming it would materialise a zero tensor per parameter
+    and per step.
+    """
+    wanted = {id(leaf): i for i, leaf in enumerate(leaves) if leaf.requires_grad}
+    found = [False] * len(leaves)
+    if not wanted or loss.grad_fn is None:
+        return found
+    seen, stack = set(), [loss.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        variable = getattr(node, "variable", None)
+        if variable is not None and id(variable) in wanted:
+            found[wanted[id(variable)]] = True
+        stack.extend(next_node for next_node, _ in node.next_functions)
+    return found
 
 
 def _step_forward(
@@ -179,18 +205,22 @@ def _step_forward(
 ):
     """One inner step, first order: ``(new params, new state leaves, gradient, loss)``, all detached.
 
-    ``replay``: the step runs again (in a backward pass), on throw-away buffers.
+    ``replay``: the step runs again (in a backward pass), on throw-away buffers. Sets ``call.used``:
+    which context tensors the loss depends on differentiably.
     """
     step, layout = call.step, call.layout
     with torch.enable_grad():  # an autograd.Function's forward runs with grad mode off
         leaves = [p.detach().requires_grad_(True) for p in params]
+        context_leaves = [c.detach().requires_grad_(c.is_floating_point()) for c in context]
         grads, loss = step.gradient(
             index,
             layout.params(leaves),
-            layout.context([c.detach() for c in context]),
+            layout.context(context_leaves),
             create_graph=False,
             replay=replay,
         )
+    if call.used is None:
+        call.used = _reached(loss, context_leaves)
     grads = [g.detach() for g in grads.values()]
     new_params, new_state = step.update(
         layout.params(grads),
@@ -213,7 +243,7 @@ def _step_backward(
     grads: Sequence[torch.Tensor],
     adj_params: Sequence[torch.Tensor | None],
     adj_state: Sequence[torch.Tensor | None],
-) -> tuple[list[torch.Tensor], list[torch.Tensor | None], list[torch.Tensor], list[torch.Tensor]]:
+) -> tuple[list[torch.Tensor], list[torch.Tensor | None], list[torch.Tensor | None], list[torch.Tensor]]:
     """Pull one step's output adjoints back to its inputs: ``(params, state, context, lr)`` adjoints."""
     step, layout = call.step, call.layout
     params, state_leaves, context, lr = saved
@@ -353,8 +383,8 @@ class _ForwardOverReverseSegment(torch.autograd.Function):
         return (None, *adj_params, *adj_state, *(grad_context or []), *(grad_lr or []))
 
 
-def _sum(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-    return [x + y for x, y in zip(a, b, strict=True)]
+def _sum(a: Sequence[torch.Tensor | None], b: Sequence[torch.Tensor | None]) -> list[torch.Tensor | None]:
+    return [y if x is None else x if y is None else x + y for x, y in zip(a, b, strict=True)]
 
 
 def _hessian_vector_products(
@@ -364,9 +394,12 @@ def _hessian_vector_products(
     params: Sequence[torch.Tensor],
     context: Sequence[torch.Tensor],
     v: Sequence[torch.Tensor],
-) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+) -> tuple[list[torch.Tensor], list[torch.Tensor | None]]:
     layout = call.layout
-    gradient = call.step.gradient_with_live(index, {}, layout.context([c.detach() for c in context]))
+    used = call.used if call.used is not None else [True] * len(context)
+    live = {n: c.detach() for n, c, u in zip(layout.context_names, context, used, strict=True) if u}
+    fixed = {n: c.detach() for n, c, u in zip(layout.context_names, context, used, strict=True) if not u}
+    gradient = call.step.gradient_with_live(index, {}, live, fixed)
     primals = layout.params([p.detach() for p in params])
     tangents = layout.params([t.detach() for t in v])
     try:
@@ -377,7 +410,7 @@ def _hessian_vector_products(
         if translated is None:
             raise
         raise translated from error
-    return [hvp_inner[n] for n in layout.param_names], [hvp_outer[n] for n in layout.context_names]
+    return [hvp_inner[n] for n in layout.param_names], [hvp_outer.get(n) for n in layout.context_names]
 
 
 def _or_zeros(adjoint: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:

@@ -137,17 +137,19 @@ class InnerStep:
         return dict(zip(params, grads, strict=True)), loss
 
     def gradient_with_live(
-        self, index: int, params: Params, live: Params
+        self, index: int, params: Params, live: Params, fixed: Params | None = None
     ) -> Callable[[Params], tuple[Params, Params]]:
         """``params -> (∂L/∂params, ∂L/∂live)`` as a ``torch.func`` function (a replayed forward).
 
         Forward-over-reverse differentiates it along a tangent of ``params``: the Hessian-vector
-        product and the mixed term of the live context in one pass.
+        product and the mixed term of the live context in one pass. ``fixed``: live tensors the loss
+        reads but whose mixed term is not wanted (it is zero: the loss does not depend on them
+        differentiably), passed as constants so that no zero gradient is formed for them.
         """
-        where, scale = self.where(index), self.loss_scale
+        where, scale, fixed = self.where(index), self.loss_scale, fixed or {}
 
         def total(inner: Params, outer: Params) -> torch.Tensor:
-            loss = self._regularized(self.loss(inner, outer, replay=True, where=where), inner)
+            loss = self._regularized(self.loss(inner, {**fixed, **outer}, replay=True, where=where), inner)
             return loss * scale if scale is not None else loss
 
         def gradient(inner: Params) -> tuple[Params, Params]:
