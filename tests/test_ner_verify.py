@@ -26,7 +26,7 @@ PREDICTED = [["B-PER", "O", "O"], ["O", "B-ORG", "I-ORG"], ["B-LOC", "O"]]
 def test_committed_results_match_their_predictions(capsys):
     assert verify_folder(COMMITTED) == []
     assert cli("verify", str(COMMITTED)) == 0
-    assert "all 126 units" in capsys.readouterr().out
+    assert "all 180 units" in capsys.readouterr().out
     assert not list(COMMITTED.glob("runs/*/*.jsonl"))  # stored compressed
 
 
