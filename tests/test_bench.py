@@ -468,3 +468,17 @@ def test_proximal_fidelity_is_cached_per_run_and_needs_a_converged_reference(tmp
     monkeypatch.setattr(measure, "proximal_reference_gradient", short)
     with_unsolvable = _proximal_fidelity(config, built, SimpleNamespace(lam=1.0), grads, names, names)
     assert "cosine" not in with_unsolvable and "did not converge" in with_unsolvable["fidelity_note"]
+
+
+def test_a_record_is_found_again_by_its_configuration():
+    """The runner drops a record's scratch gradient path; the run still maps configurations to records
+    (at its end, and when a run resumes from records.partial.jsonl)."""
+    from dataclasses import replace
+
+    from metakit.bench.cli import _key, _key_of
+
+    config = Config("sine", "second-order", 2, repeats=1)
+    record = {"status": "ok", "config": json.loads(replace(config, grad_path="/tmp/x.grad.pt").to_json())}
+    record["config"].pop("grad_path")
+    assert _key_of(record) == _key(config)
+    assert _key_of(record) != _key(replace(config, steps=3))

@@ -264,11 +264,16 @@ def _prepare_out(out: Path) -> None:
 
 
 def _key(config) -> str:
-    return json.dumps(json.loads(config.to_json()), sort_keys=True)
+    return _canonical(json.loads(config.to_json()))
 
 
 def _key_of(record: dict) -> str:
-    return json.dumps(record["config"], sort_keys=True)
+    return _canonical(record["config"])
+
+
+def _canonical(config: dict) -> str:
+    """A configuration's identity: its fields but the scratch path of its gradient, which a record drops."""
+    return json.dumps({k: v for k, v in config.items() if k != "grad_path"}, sort_keys=True)
 
 
 def _measured(checkpoint: Path, configs) -> list[dict]:
