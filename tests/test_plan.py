@@ -107,6 +107,16 @@ def test_recommends_the_fastest_exact_mode_that_fits():
     tiny = plan.on(Device(memory_gib=2, tflops=1.0, reserved_gib=1))
     assert tiny.recommended is None and "nothing fits" in tiny.advice
 
+    from metakit.planning.cli import fits_table, recommended_table
+
+    assert plan.recommended is plan.row("medium")  # the row itself, as the fits table marks it
+    devices = [device, small.device, tiny.device]
+    fits = fits_table([plan], devices)
+    assert "| 5 | medium | 10.0 GiB | **yes**, 2 s | no | no |" in fits
+    assert "| 5 | first-order | 3.0 GiB | yes, 0.1 s | **yes**, 0.167 s | no |" in fits
+    assert recommended_table([plan], devices).splitlines()[-1].startswith("| 5 | medium, 2 s | first-order, ")
+    assert recommended_table([plan], devices).endswith("| nothing fits |")
+
 
 def test_unknown_device_lists_the_known_ones_and_how_to_give_your_own():
     with pytest.raises(UnknownDeviceError) as error:
@@ -217,3 +227,39 @@ def test_cli_errors_are_one_line(capsys, argv, expected):
     assert main(["plan", *argv]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and expected in err and "\n" not in err
+
+
+def test_validation_table_keeps_calibration_out_of_the_counts_and_lists_every_miss(tmp_path):
+    import json
+
+    from metakit.bench.plan_validation import _records, _table
+
+    def record(workload, steps, mode, predicted, measured, status="ok"):
+        return {
+            "workload": workload,
+            "steps": steps,
+            "mode": mode,
+            "predicted_mib": predicted,
+            "measured_mib": measured,
+            "load_average": [1.0, 1.0, 1.0],
+            "status": status,
+        }
+
+    rows = [
+        record("sine", 1, "SecondOrder()", 0.2, 10.2),  # first-use cost 10 MiB
+        record("bert", 1, "SecondOrder()", 100.0, 210.0),  # ratio 2
+        record("bert", 5, "SecondOrder()", 100.0, 200.0, status="not planned: a reason"),
+        record("bert", 5, "SecondOrder()", 100.0, 200.0),  # measured later: this one is kept
+        record("bert", 10, "SecondOrder()", 100.0, 400.0),  # modelled 210: a miss
+        record("bert-long", 1, "SecondOrder()", None, None, status="not measured: predicted 900 s"),
+    ]
+    path = tmp_path / "v.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    records = _records(path)
+    assert len(records) == 5 and [r["status"] for r in records if r["steps"] == 5] == ["ok"]
+    table = _table(records)
+    assert table.count("| calibration |") == 2 and "| ok |" in table and "| **miss** |" in table
+    assert "2 calibration, 2 validating; 1 skipped" in table
+    assert "1 outside ±25%; worst error -48% (bert, S=10, SecondOrder())" in table
+    assert "- bert, S=10, SecondOrder(): -47.5%" in table
+    assert "- bert-long, S=1, SecondOrder(): not measured: predicted 900 s" in table

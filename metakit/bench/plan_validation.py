@@ -105,18 +105,34 @@ def _measure_in_child(workload: str, mode: str, steps: int, timeout: float) -> d
     return {"status": "ok", **json.loads(done.stdout.strip().splitlines()[-1])}
 
 
+def _git_commit() -> str | None:
+    from metakit.bench.environment import _git_commit as commit
+
+    return commit()
+
+
 def _records(path: Path) -> list[dict]:
+    """The records of ``path``, one per configuration: a measured one over any other, else the last."""
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    kept: dict[tuple, dict] = {}
+    for line in path.read_text().splitlines():
+        if not line.strip():
+            continue
+        record = json.loads(line)
+        key = (record["workload"], record["steps"], record["mode"])
+        if kept.get(key, {}).get("status") != "ok":
+            kept[key] = record
+    return list(kept.values())
 
 
 def run(workloads, steps_list, out: Path, max_seconds: float) -> None:
     """Predict and measure every configuration not yet in ``<out>.jsonl``, then write the table."""
     records_path = out.with_suffix(".jsonl")
     done = {(r["workload"], r["steps"], r["mode"]) for r in _records(records_path)}
-    for workload in workloads:
-        for steps in steps_list:
+    # Every workload at the smallest S first: tracing and measuring grow with S.
+    for steps in steps_list:
+        for workload in workloads:
             if all((workload, steps, m) in done for m in _labels(steps)):
                 continue
             started = time.perf_counter()
@@ -133,6 +149,9 @@ def run(workloads, steps_list, out: Path, max_seconds: float) -> None:
                     "predicted_s": row.seconds,
                     "trace_s": trace_s,
                     "load_average": list(os.getloadavg()),
+                    # The tree is shared: the commit (and whether it was dirty) says which code both sides ran.
+                    "commit": _git_commit(),
+                    "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                 }
                 if not row.planned:
                     record["status"] = row.note
@@ -141,7 +160,8 @@ def run(workloads, steps_list, out: Path, max_seconds: float) -> None:
                         f"not measured: predicted {row.seconds:.0f} s on this CPU > {max_seconds:.0f} s"
                     )
                 else:
-                    record.update(_measure_in_child(workload, row.mode, steps, timeout=20 * max_seconds))
+                    # The prediction is for an idle core; on a shared one a step takes 2-3 times as long.
+                    record.update(_measure_in_child(workload, row.mode, steps, timeout=3 * max_seconds))
                 print(json.dumps(record), flush=True)
                 with records_path.open("a") as file:
                     file.write(json.dumps(record) + "\n")
@@ -159,6 +179,13 @@ def _family(mode: str) -> str:
     return re.sub(r"checkpoint=\d+", "checkpoint=k", mode)
 
 
+#: The (workload, S) whose rows fit `rss_model`: they pass by construction and validate nothing.
+CALIBRATION = {("sine", 1), ("bert", 1)}
+
+#: A step that allocates less is all first-use cost: its raw error says nothing about the bytes.
+RAW_FLOOR_MIB = 10.0
+
+
 def rss_model(records: list[dict]) -> tuple[dict[str, float], float]:
     """RSS = ratio × predicted bytes + first-use cost of the mode, calibrated on sine and bert at S=1.
 
@@ -171,67 +198,145 @@ def rss_model(records: list[dict]) -> tuple[dict[str, float], float]:
     first_use = {
         _family(r["mode"]): r["measured_mib"] - r["predicted_mib"]
         for r in ok
-        if r["workload"] == "sine" and r["steps"] == 1
+        if (r["workload"], r["steps"]) == ("sine", 1)
     }
     ratios = sorted(
         (r["measured_mib"] - first_use.get(_family(r["mode"]), 0.0)) / r["predicted_mib"]
         for r in ok
-        if r["workload"] == "bert" and r["steps"] == 1
+        if (r["workload"], r["steps"]) == ("bert", 1)
     )
     return first_use, ratios[len(ratios) // 2] if ratios else 1.0  # 1.0 until bert at S=1 is measured
+
+
+def _order(record: dict) -> tuple:
+    labels = [_family(label) for label in _labels(record["steps"])]
+    family = _family(record["mode"])
+    return (
+        WORKLOADS.index(record["workload"]) if record["workload"] in WORKLOADS else len(WORKLOADS),
+        record["steps"],
+        labels.index(family) if family in labels else len(labels),
+    )
 
 
 def _table(records: list[dict]) -> str:
     from metakit.bench.environment import describe_environment
 
     environment = describe_environment("cpu", 1)
+    records = sorted(records, key=_order)
+    first_use, ratio = rss_model(records)
     lines = [
         "# mk.plan: predicted against measured peak memory on this CPU",
         "",
         f"Machine: {environment['machine']['cpu']}, {environment['machine']['logical_cpus']} logical CPUs, "
         f"{environment['machine']['memory_gib']} GiB; torch {environment['versions']['torch']}, one torch thread; "
-        f"commit {environment['git_commit']}; written {environment['date_utc']}.",
+        f"table written at commit {environment['git_commit']}, {environment['date_utc']}. The machine was shared "
+        "with other jobs ('load': its 1-minute load average when the row was measured): that slows the "
+        "measured times, not the memory. The working tree was shared with ongoing changes: a row's prediction and "
+        "measurement ran the code of its time (records carry their commit and time where the runner recorded them).",
         "",
         'Predicted: the bytes the meta-step allocates, from a fake-tensor trace (`mk.plan(..., device="cpu")`). '
         "Measured: the peak RSS increase of the first meta-step in a fresh process (`PeakRSS`, as `metakit bench`). "
-        f"Error = predicted / measured - 1; a row passes within ±{TOLERANCE:.0%}.",
+        f"Error = predicted RSS / measured - 1; a row passes within ±{TOLERANCE:.0%}.",
         "",
-    ]
-    first_use, ratio = rss_model(records)
-    lines += [
-        f"RSS model: RSS increase = {ratio:.2f} × predicted bytes + the mode's first-use cost "
-        f"({', '.join(f'{k}: {v:.0f} MiB' for k, v in first_use.items())}); the cost is calibrated on sine at S=1, "
-        "the ratio on bert at S=1 (`rss_model`): those rows pass by construction, the others validate it. "
-        "'raw' is the error of the bytes alone.",
+        f"RSS model (`rss_model`): predicted RSS = {ratio:.2f} × predicted bytes + the mode's first-use cost "
+        f"({', '.join(f'{k}: {v:.0f} MiB' for k, v in first_use.items())}). The costs are sine's measured "
+        "increases at S=1 (its steps allocate under 1 MiB), the ratio is the median over modes of bert at S=1. "
+        "Those rows are marked *calibration*: the model is fitted to them, so they validate nothing and are "
+        "left out of the counts below; every other row validates it. 'raw' is the error of the predicted bytes alone.",
         "",
         "| workload | S | mode | predicted bytes | predicted RSS | measured | error | raw | predicted time | measured time | load | status |",
         "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---|---|",
     ]
+    validating, calibrating, not_measured = [], [], []
     for r in records:
         measured = r.get("measured_mib")
         raw = r.get("predicted_mib")
         predicted = None if raw is None else ratio * raw + first_use.get(_family(r["mode"]), 0.0)
         r["modelled_mib"] = predicted
-        error = predicted / measured - 1 if measured and predicted is not None else None
-        raw_error = raw / measured - 1 if measured and raw is not None else None
+        r["error"] = predicted / measured - 1 if measured and predicted is not None else None
+        r["raw_error"] = raw / measured - 1 if measured and raw is not None else None
         status = r.get("status", "")
-        if status == "ok":
-            status = "ok" if abs(error) <= TOLERANCE else "**miss**"
+        if status == "ok" and (r["workload"], r["steps"]) in CALIBRATION:
+            status = "calibration"
+            calibrating.append(r)
+        elif status == "ok":
+            status = "ok" if abs(r["error"]) <= TOLERANCE else "**miss**"
+            validating.append(r)
+        else:
+            not_measured.append(r)
         lines.append(
             f"| {r['workload']} | {r['steps']} | {r['mode']} | {_mib(raw)} | {_mib(predicted)} | {_mib(measured)} | "
-            f"{'' if error is None else f'{error:+.0%}'} | {'' if raw_error is None else f'{raw_error:+.0%}'} | {_s(r.get('predicted_s'))} | {_s(r.get('measured_s'))} | "
+            f"{_pct(r['error'])} | {_pct(r['raw_error'])} | {_s(r.get('predicted_s'))} | {_s(r.get('measured_s'))} | "
             f"{r['load_average'][0]:.1f} | {status} |"
         )
-    checked = [r for r in records if r.get("status") == "ok"]
-    if checked:
-        worst = max(checked, key=lambda r: abs(r["modelled_mib"] / r["measured_mib"] - 1))
-        misses = sum(abs(r["modelled_mib"] / r["measured_mib"] - 1) > TOLERANCE for r in checked)
+    lines += ["", *_summary(validating, calibrating, not_measured)]
+    if missing := _missing(records):
         lines += [
             "",
-            f"{len(checked)} configurations measured, {misses} outside ±{TOLERANCE:.0%}; worst error "
-            f"{worst['modelled_mib'] / worst['measured_mib'] - 1:+.0%} ({worst['workload']}, S={worst['steps']}, {worst['mode']}).",
+            f"Not run ({len(missing)}; no record yet: the run stopped before them, a rerun measures them): "
+            + "; ".join(missing)
+            + ".",
         ]
     return "\n".join(lines) + "\n"
+
+
+def _summary(validating: list[dict], calibrating: list[dict], not_measured: list[dict]) -> list[str]:
+    """The counts, the worst validating error, every miss, the raw bias and what was not measured."""
+    lines = [
+        f"{len(validating) + len(calibrating)} configurations measured: {len(calibrating)} calibration, "
+        f"{len(validating)} validating; {len(not_measured)} skipped (not planned, or predicted slower than --max-seconds)."
+    ]
+    if validating:
+        worst = max(validating, key=lambda r: abs(r["error"]))
+        misses = [r for r in validating if abs(r["error"]) > TOLERANCE]
+        lines[-1] += (
+            f" Of the validating rows, {len(misses)} outside ±{TOLERANCE:.0%}; worst error {_pct(worst['error'])} "
+            f"({_config(worst)})."
+        )
+        if misses:
+            lines += ["", "Misses:", ""]
+            lines += [f"- {_config(r)}: {r['error']:+.1%}" for r in misses]
+    sized = [r for r in validating + calibrating if r["predicted_mib"] >= RAW_FLOOR_MIB]
+    if sized:
+        raw = sorted(r["raw_error"] for r in sized)
+        lines += [
+            "",
+            f"Raw bytes alone, over the {len(sized)} measured rows whose step allocates at least "
+            f"{RAW_FLOOR_MIB:.0f} MiB: median error {_pct(raw[len(raw) // 2])}, from {_pct(raw[0])} to "
+            f"{_pct(raw[-1])}"
+            + (
+                ": the bytes are systematically below the RSS increase (the allocator keeps freed pages, "
+                "kernels allocate workspaces the trace does not see, code is loaded on first use)."
+                if raw[-1] < 0
+                else "."
+            ),
+        ]
+    if not_measured:
+        lines += ["", "Not measured:", ""]
+        lines += [f"- {_config(r)}: {r.get('status', '')}" for r in not_measured]
+    return lines
+
+
+def _missing(records: list[dict], steps_list: tuple[int, ...] = (1, 5, 10)) -> list[str]:
+    """The configurations of every workload at ``steps_list`` with no record, grouped per (workload, S)."""
+    have = {(r["workload"], r["steps"], _family(r["mode"])) for r in records}
+    missing = []
+    for steps in steps_list:
+        for workload in WORKLOADS:
+            modes = [m for m in _labels(steps) if (workload, steps, _family(m)) not in have]
+            if len(modes) == len(_labels(steps)):
+                missing.append(f"{workload} at S={steps}, every mode")
+            elif modes:
+                missing.append(f"{workload} at S={steps}, {', '.join(modes)}")
+    return missing
+
+
+def _config(record: dict) -> str:
+    return f"{record['workload']}, S={record['steps']}, {record['mode']}"
+
+
+def _pct(value) -> str:
+    return "" if value is None else f"{value:+.0%}"
 
 
 def _mib(value) -> str:

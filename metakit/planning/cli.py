@@ -16,7 +16,7 @@ import argparse
 import sys
 from pathlib import Path
 
-__all__ = ["add_arguments", "run"]
+__all__ = ["add_arguments", "fits_table", "recommended_table", "run"]
 
 PAPER = {"mbert-priming": "priming", "mbert-maml": "maml"}
 
@@ -71,6 +71,8 @@ def run(args: argparse.Namespace) -> int:
         if len(devices) > 1:
             sections.append(f"## {name}: which modes fit where\n\n{fits_table(plans, devices)}\n")
             print(sections[-1], flush=True)
+            sections.append(f"## {name}: recommended mode\n\n{recommended_table(plans, devices)}\n")
+            print(sections[-1], flush=True)
     if args.out is not None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text("\n".join(sections))
@@ -98,6 +100,18 @@ def fits_table(plans, devices) -> str:
                 f"| {plan.steps} | {row.mode} | {row.total_bytes / 2**30:.1f} GiB | {' | '.join(cells)} |"
             )
     lines += ["", "**yes**: the recommended mode on that device (the fastest exact mode that fits)."]
+    return "\n".join(lines)
+
+
+def recommended_table(plans, devices) -> str:
+    """Markdown: the recommended mode and its time for each S (rows) on each device (columns)."""
+    lines = ["| S | " + " | ".join(d.name for d in devices) + " |", "|---:|" + "---|" * len(devices)]
+    for plan in plans:
+        cells = []
+        for device in devices:
+            choice = plan.on(device).recommended
+            cells.append("nothing fits" if choice is None else f"{choice.mode}, {_seconds(choice.seconds)}")
+        lines.append(f"| {plan.steps} | {' | '.join(cells)} |")
     return "\n".join(lines)
 
 

@@ -119,9 +119,10 @@ class Plan:
         fitting = [r for r in self.rows if r.fits]
         exact = [r for r in fitting if r.exact]
         choice = min(exact or fitting, key=lambda r: r.seconds or 0.0, default=None)
-        self.recommended = choice
         if choice is not None:
-            self.rows = [replace(r, note=r.note or "recommended") if r is choice else r for r in self.rows]
+            index = self.rows.index(choice)
+            self.rows[index] = choice = replace(choice, note=choice.note or "recommended")
+        self.recommended = choice  # the row in ``rows``, so that ``row is plan.recommended`` holds
 
     def on(self, device: str | Device) -> Plan:
         """The same traces, evaluated for another device (no new tracing)."""
