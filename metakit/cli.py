@@ -11,7 +11,7 @@ from metakit.extras import MissingExtraError
 # subcommand -> (module, one-line help). Each module defines add_arguments(parser) and run(args) -> int.
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "bench": ("metakit.bench.cli", "compare gradient strategies: time, memory, fidelity"),
-    "plan": ("metakit.planning.cli", "predict each gradient mode's peak memory and time on a device"),
+    "plan": ("metakit.bench.plan_cli", "predict each gradient mode's peak memory and time on a device"),
     "ner": ("metakit.experiments.cli", "the priming experiment: cross-lingual WikiAnn NER"),
     "fewshot": ("metakit.experiments.fewshot.cli", "Meta-Adapters and baselines: few-shot LEOPARD"),
 }

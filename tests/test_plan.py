@@ -107,7 +107,7 @@ def test_recommends_the_fastest_exact_mode_that_fits():
     tiny = plan.on(Device(memory_gib=2, tflops=1.0, reserved_gib=1))
     assert tiny.recommended is None and "nothing fits" in tiny.advice
 
-    from metakit.planning.cli import fits_table, recommended_table
+    from metakit.bench.plan_cli import fits_table, recommended_table
 
     assert plan.recommended is plan.row("medium")  # the row itself, as the fits table marks it
     devices = [device, small.device, tiny.device]
@@ -263,3 +263,14 @@ def test_validation_table_keeps_calibration_out_of_the_counts_and_lists_every_mi
     assert "1 outside ±25%; worst error -48% (bert, S=10, SecondOrder())" in table
     assert "- bert, S=10, SecondOrder(): -47.5%" in table
     assert "- bert-long, S=1, SecondOrder(): not measured: predicted 900 s" in table
+
+
+def test_modes_may_be_given_as_strategies():
+    """What a user would pass first: the strategies themselves, not planner Modes."""
+    from metakit.planning.planner import _as_mode
+
+    mode = _as_mode(mk.SecondOrder(checkpoint=2))
+    assert mode.label == "SecondOrder(checkpoint=2)" and mode.exact and repr(mode.build()) == mode.label
+    assert not _as_mode(mk.FirstOrder()).exact
+    with pytest.raises(TypeError, match=r"plan\(modes=\.\.\.\) takes metakit strategies"):
+        _as_mode("SecondOrder()")

@@ -204,7 +204,7 @@ def plan(
     batch: Task | Sequence[Task] | object,
     device: str | Device = "a100-80gb",
     *,
-    modes: Sequence[Mode] | None = None,
+    modes: Sequence[Mode | Strategy] | None = None,
     checkpoint: int | None = None,
     optimizer_state: int = 2,
 ) -> Plan:
@@ -220,8 +220,9 @@ def plan(
             kept, its strategy replaced by each mode's.
         batch: the meta-batch: a `Task`, a list of them, or one batch (used as support and query).
         device: a known name (``"a100-80gb"``, ``"t4"``, ``"cpu"``...) or a `Device`.
-        modes: what to plan (default `default_modes`); a mode that cannot be built or traced is
-            listed as "not planned" with the reason, and the others are planned.
+        modes: what to plan (default `default_modes`): `Mode`s or strategies such as
+            ``mk.SecondOrder(checkpoint=2)``; a mode that cannot be built or traced is listed as
+            "not planned" with the reason, and the others are planned.
         checkpoint: segment length of the recomputed modes (default ⌈√S⌉).
         optimizer_state: tensors of outer-optimizer state per outer parameter (Adam 2, SGD with
             momentum 1, SGD 0), counted in the total.
@@ -238,7 +239,7 @@ def plan(
         raise TypeError(f"plan() expects a metakit.MetaLearner, got {type(learner).__name__}.")
     tasks = _as_tasks(batch)
     steps = learner.inner.steps
-    modes = list(modes) if modes is not None else default_modes(steps, checkpoint)
+    modes = [_as_mode(m) for m in modes] if modes is not None else default_modes(steps, checkpoint)
     if not any(_same(m.label, learner.strategy) for m in modes):
         own = learner.strategy
         modes.append(Mode(f"{own!r} (the learner's)", lambda: own, isinstance(own, SecondOrder)))
@@ -300,6 +301,17 @@ def _as_tasks(batch) -> list[Task]:
     if isinstance(batch, list | tuple) and batch and all(isinstance(t, Task) for t in batch):
         return list(batch)
     return [Task(batch, batch)]
+
+
+def _as_mode(mode: Mode | Strategy) -> Mode:
+    if isinstance(mode, Mode):
+        return mode
+    if isinstance(mode, Strategy):
+        return Mode(repr(mode), lambda: mode, isinstance(mode, SecondOrder))
+    raise TypeError(
+        f"plan(modes=...) takes metakit strategies (mk.SecondOrder(checkpoint=2), ...) or "
+        f"metakit.planning.Mode, got {type(mode).__name__}."
+    )
 
 
 def _same(label: str, strategy: Strategy) -> bool:

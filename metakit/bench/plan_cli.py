@@ -7,7 +7,7 @@ Examples::
     metakit plan --workload mbert-maml --memory-gib 48 --tflops 90 --bandwidth-gbs 900
 
 ``mbert-priming`` and ``mbert-maml`` are the priming paper's model and meta-batch
-(`metakit.planning.paper`), built on fake tensors; the other names are ``metakit bench``'s workloads.
+(`metakit.bench.plan_paper`), built on fake tensors; the other names are ``metakit bench``'s workloads.
 """
 
 from __future__ import annotations
@@ -144,7 +144,7 @@ def _plan(name: str, steps: int, device, args):
     if name in PAPER:
         from torch._subclasses.fake_tensor import FakeTensorMode
 
-        from metakit.planning.paper import mbert_learner, paper_tasks
+        from metakit.bench.plan_paper import mbert_learner, paper_tasks
 
         mode = FakeTensorMode(allow_non_fake_inputs=True)
         model, learner = mbert_learner(PAPER[name], steps, mode)
