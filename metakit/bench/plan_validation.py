@@ -36,27 +36,9 @@ TOLERANCE = 0.25
 
 def _learner(built, strategy, steps: int):
     """The learner `metakit.bench.strategies.build_learner` builds, with ``strategy`` in it."""
-    import torchopt
+    from metakit.bench.strategies import workload_learner
 
-    import metakit as mk
-
-    if built.priming:
-        return mk.recipes.priming(
-            built.model,
-            built.loss_fn,
-            pe=built.pe,
-            head=built.head,
-            inner_lr=built.inner_lr,
-            steps=steps,
-            strategy=strategy,
-        )
-    return mk.MetaLearner(
-        built.model,
-        built.loss_fn,
-        inner=mk.InnerLoop(params=built.inner, optimizer=torchopt.sgd(lr=built.inner_lr), steps=steps),
-        outer_params=built.outer,
-        strategy=strategy,
-    )
+    return workload_learner(built, strategy, steps)
 
 
 def predict_learner(workload: str, steps: int):

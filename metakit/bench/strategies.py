@@ -31,6 +31,7 @@ __all__ = [
     "names",
     "strategy_label",
     "unsupported_reason",
+    "workload_learner",
 ]
 
 
@@ -218,7 +219,7 @@ def unsupported_reason(name: str) -> str | None:
 
 
 def build_learner(built: BuiltWorkload, strategy: str, steps: int) -> mk.MetaLearner:
-    """The metakit learner for a workload: plain MAML-style, or ``recipes.priming`` for priming.
+    """The metakit learner for a workload and a table entry's strategy (see `workload_learner`).
 
     Raises:
         TypeError, ValueError: the strategy or the combination is not supported.
@@ -226,6 +227,19 @@ def build_learner(built: BuiltWorkload, strategy: str, steps: int) -> mk.MetaLea
     reason = unsupported_reason(strategy)
     if reason is not None:
         raise ValueError(reason)
+    return workload_learner(
+        built,
+        build_strategy(strategy),
+        steps,
+        executor=build_executor(strategy),
+        precision=entry(strategy).precision,
+    )
+
+
+def workload_learner(
+    built: BuiltWorkload, strategy: mk.Strategy, steps: int, *, executor=None, precision: str = "fp32"
+) -> mk.MetaLearner:
+    """The learner for a workload with a given strategy: plain MAML-style, or ``recipes.priming``."""
     if built.priming:
         from metakit import recipes
 
@@ -236,16 +250,16 @@ def build_learner(built: BuiltWorkload, strategy: str, steps: int) -> mk.MetaLea
             head=built.head,
             inner_lr=built.inner_lr,
             steps=steps,
-            strategy=build_strategy(strategy),
-            executor=build_executor(strategy),
-            precision=entry(strategy).precision,
+            strategy=strategy,
+            executor=executor,
+            precision=precision,
         )
     return mk.MetaLearner(
         built.model,
         built.loss_fn,
         inner=mk.InnerLoop(params=built.inner, optimizer=torchopt.sgd(lr=built.inner_lr), steps=steps),
         outer_params=built.outer,
-        strategy=build_strategy(strategy),
-        executor=build_executor(strategy),
-        precision=entry(strategy).precision,
+        strategy=strategy,
+        executor=executor,
+        precision=precision,
     )
