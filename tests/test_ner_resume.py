@@ -37,6 +37,9 @@ def start(*argv: str) -> subprocess.Popen:
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         text=True,
+        # A job started in the background by a non-interactive shell inherits SIGINT ignored, and
+        # Python then installs no Ctrl-C handler: restore the default so the test's SIGINT arrives.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.default_int_handler),
     )
 
 
