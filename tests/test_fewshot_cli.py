@@ -177,6 +177,7 @@ def test_corrupted_json_names_the_file(tmp_path, capsys):
     [
         "fewshot-cpu-quick",
         "fewshot-cpu",
+        "fewshot-cpu-episodes-2-4",
         "fewshot-cpu-sensitivity/tams-arch-lr-0.03",
         "fewshot-cpu-sensitivity/meta-adapters-120-steps",
     ],
