@@ -47,7 +47,7 @@ __all__ = [
     "prototype_task",
 ]
 
-Init = Literal["euclidean", "mean"]
+Init = Literal["euclidean", "mean", "zero"]
 
 
 def class_prototypes(encodings: torch.Tensor, labels: torch.Tensor, n_classes: int) -> torch.Tensor:
@@ -85,13 +85,14 @@ class PrototypeHead(nn.Module):
     Args:
         hidden_size: width of the encodings.
         max_classes: the most classes an episode may have (the offset's rows; an episode uses the first N).
-        init: ``"euclidean"`` (``W = 2P``, ``b = −‖p‖²``) or ``"mean"`` (``W = P``, ``b = 0``).
+        init: ``"euclidean"`` (``W = 2P``, ``b = −‖p‖²``), ``"mean"`` (``W = P``, ``b = 0``) or ``"zero"``
+            (``W = 0``, ``b = 0``).
     """
 
     def __init__(self, hidden_size: int, max_classes: int, init: Init = "euclidean"):
         super().__init__()
-        if init not in ("euclidean", "mean"):
-            raise ValueError(f"PrototypeHead init must be 'euclidean' or 'mean', got {init!r}.")
+        if init not in ("euclidean", "mean", "zero"):
+            raise ValueError(f"PrototypeHead init must be 'euclidean', 'mean' or 'zero', got {init!r}.")
         if max_classes < 1:
             raise ValueError(f"max_classes must be >= 1, got {max_classes}.")
         self.init, self.max_classes = init, max_classes
@@ -102,6 +103,8 @@ class PrototypeHead(nn.Module):
         """The head's weight and bias at the start of an episode, from its prototypes ``[N, hidden]``."""
         if self.init == "euclidean":
             return 2.0 * prototypes, -(prototypes * prototypes).sum(-1)
+        if self.init == "zero":
+            return torch.zeros_like(prototypes), prototypes.new_zeros(prototypes.shape[0])
         return prototypes, prototypes.new_zeros(prototypes.shape[0])
 
     def effective(self, prototypes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

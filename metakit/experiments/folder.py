@@ -32,7 +32,7 @@ __all__ = [
 ]
 
 #: What an output folder keeps out of git: large checkpoints, logs, temporary files, the lock.
-IGNORED = "checkpoints/\ntensorboard/\n*.tmp\n.lock\n"
+IGNORED = "checkpoints/\ntensorboard/\n*.tmp\n*.pt\n.lock\n"
 
 
 class OutputFolderError(ValueError):
@@ -100,7 +100,7 @@ def check_output_folder(out_dir: str | Path, experiment: str | None = None) -> N
 def _has_progress(out: Path, results: dict[str, Any]) -> bool:
     """Whether a folder holds anything a fresh run would lose: finished units or checkpoints."""
     checkpoints = out / "checkpoints"
-    finished = any(results.get(key) for key in ("units", "priming", "meta", "skipped"))
+    finished = any(results.get(key) for key in ("units", "priming", "meta", "skipped", "sweep"))
     return finished or (checkpoints.is_dir() and any(checkpoints.iterdir()))
 
 

@@ -11,6 +11,9 @@ Usage::
     metakit fewshot table runs/x --write                                          # re-render the table
     metakit fewshot merge runs/a runs/b --out runs/x                              # join side-by-side runs
     metakit fewshot presets                                                       # list presets and keys
+    metakit fewshot budget run --preset cpu --setting meta_adapters --baseline adapters \
+        --budgets 30,100,300 --rates 3e-4,1e-3 --shots 8 --episodes 0,1 --out runs/budget     # budget study
+    metakit fewshot budget plot runs/budget-a runs/budget-b --out budget.png      # gain against meta-steps
 """
 
 from __future__ import annotations
@@ -81,6 +84,112 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     merge_parser.add_argument("sources", nargs="+", help="two or more `fewshot run` output folders")
     merge_parser.add_argument("--out", required=True, help="the new, merged folder")
+    _add_budget_arguments(commands)
+
+
+def _float_list(text: str) -> list[float]:
+    try:
+        return [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+
+
+def _add_budget_arguments(commands: Any) -> None:
+    budget = commands.add_parser(
+        "budget", help="a meta-training budget study: accuracy gain against meta-steps, rates chosen on dev"
+    )
+    actions = budget.add_subparsers(dest="budget_command", required=True, metavar="ACTION")
+    run_parser = actions.add_parser(
+        "run", help="sweep rates, choose each budget's on the pool's dev, evaluate"
+    )
+    run_parser.add_argument("--preset", choices=sorted(FEWSHOT_PRESETS), help="base config (default: cpu)")
+    run_parser.add_argument("--config", help="a .toml or .yaml file of base config keys")
+    run_parser.add_argument(
+        "--setting", help="the meta-trained setting, e.g. meta_adapters (required unless --resume)"
+    )
+    run_parser.add_argument("--baseline", help="the from-scratch setting to compare with, e.g. adapters")
+    run_parser.add_argument(
+        "--budgets", type=int_list, default=[30, 100, 300], help="meta-steps (30,100,300)"
+    )
+    run_parser.add_argument("--rates", type=_float_list, default=[3e-4, 1e-3], help="outer rates (3e-4,1e-3)")
+    run_parser.add_argument(
+        "--inner-rates", type=_float_list, help="choose the inner rate among these first, on dev, at step 0"
+    )
+    run_parser.add_argument("--dev-every", type=int, default=10, help="dev episodes every N steps (10)")
+    run_parser.add_argument("--tasks", type=str_list, help="targets (default: all)")
+    run_parser.add_argument("--shots", type=int_list, help="k per class, e.g. 8")
+    run_parser.add_argument("--episodes", type=int_list, help="episode numbers, e.g. 0,1")
+    run_parser.add_argument("--model", help="'e5' (offline), 'tiny', or a local path / hub name")
+    add_run_options(run_parser)
+    table_parser = actions.add_parser("table", help="print (and with --write rewrite) a study's budget.md")
+    table_parser.add_argument("out")
+    table_parser.add_argument("--write", action="store_true")
+    plot_parser = actions.add_parser(
+        "plot", help="accuracy gain and dev loss against meta-steps, for studies"
+    )
+    plot_parser.add_argument("studies", nargs="+", help="budget study folders")
+    plot_parser.add_argument("--out", required=True, help="the PNG to write")
+
+
+def _budget(args: argparse.Namespace) -> int:
+    from metakit.experiments.fewshot.budget import (
+        BudgetStudy,
+        budget_report,
+        run_budget_study,
+        study_from_folder,
+    )
+    from metakit.experiments.folder import saved_config
+    from metakit.experiments.lock import FolderLockedError
+    from metakit.experiments.report import ResultsFileError, read_results
+
+    try:
+        if args.budget_command == "plot":
+            from metakit.experiments.fewshot.budget_plot import plot_budget_studies
+
+            plot_budget_studies(args.studies, args.out)
+            print(f"wrote {args.out}")
+            return 0
+        if args.budget_command == "table":
+            report = budget_report(study_from_folder(args.out), read_results(Path(args.out) / "results.json"))
+            if args.write:
+                (Path(args.out) / "budget.md").write_text(report, encoding="utf-8")
+            print(report)
+            return 0
+        if args.resume and not (args.preset or args.config or args.setting) and saved_config(args.out):
+            study = study_from_folder(args.out)
+        else:
+            if not args.setting:
+                raise ValueError(
+                    "--setting is required (the meta-trained setting to study, e.g. meta_adapters)."
+                )
+            overrides = {"tasks": args.tasks, "shots": args.shots, "episodes": args.episodes,
+                         "model": args.model, "threads": args.threads}  # fmt: skip
+            overrides = {k: v for k, v in overrides.items() if v is not None}
+            overrides.update(parse_sets(args.set))
+            base = load_fewshot_config(args.preset, args.config, overrides)
+            study = BudgetStudy(
+                base, args.setting, baseline=args.baseline, budgets=args.budgets, rates=args.rates,
+                inner_rates=args.inner_rates, dev_every=args.dev_every,
+            )  # fmt: skip
+        run_budget_study(study, args.out, resume=args.resume)
+    except (
+        ValueError,
+        FileNotFoundError,
+        FileExistsError,
+        ImportError,
+        FolderLockedError,
+        ResultsFileError,
+    ) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(
+            f"\ninterrupted; continue with: metakit fewshot budget run --out {args.out} --resume",
+            file=sys.stderr,
+        )
+        return 130
+    print((Path(args.out) / "budget.md").read_text(encoding="utf-8"))
+    return 0
 
 
 def _overrides(args: argparse.Namespace) -> dict[str, Any]:
@@ -148,6 +257,8 @@ def run(args: argparse.Namespace) -> int:
             "Use one with `metakit fewshot run --preset NAME --out DIR`; override keys with --set KEY=VALUE."
         )
         return 0
+    if args.fewshot_command == "budget":
+        return _budget(args)
     from metakit.experiments.folder import wrong_experiment
     from metakit.experiments.report import ResultsFileError, read_results
 

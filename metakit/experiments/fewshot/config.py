@@ -63,7 +63,10 @@ class FewShotConfig:
         meta_steps, meta_batch (episodes per step), n_way (``None``: all of a task's classes), k_shot,
         q_query, inner_steps, inner_lr (SGD), outer_lr (AdamW on adapters / LoRA), prime_lr (AdamW on the
         backbone in priming), meta_strategy: ``"second"`` (exact, Meta-Adapters) or ``"first"``;
-        priming always uses first order (Algorithm 1); meta_dev_episodes: fixed episodes of the pool's dev
+        priming always uses first order (Algorithm 1); meta_head_init: where meta-training's episodes
+        start the head (`PrototypeHead`: ``"euclidean"`` prototypes, ``"mean"``, or ``"zero"``, which
+        leaves the inner loop the whole head to learn; fine-tuning always starts from the prototypes);
+        meta_dev_episodes: fixed episodes of the pool's dev
         splits whose query loss after the inner loop is measured before and after meta-training (0: none).
         arch_lr: the AdamW rate of TAMS's architecture weights (``None``: outer_lr), which DARTS-style
         searches give a rate of their own.
@@ -106,6 +109,7 @@ class FewShotConfig:
     outer_lr: float = 1e-4
     prime_lr: float = 2e-5
     meta_strategy: str = "second"
+    meta_head_init: str = "euclidean"
     meta_dev_episodes: int = 8
     arch_lr: float | None = None
     ft_steps: int = 50
@@ -143,6 +147,10 @@ class FewShotConfig:
             )
         if self.head_init not in ("euclidean", "mean"):
             raise ValueError(f"head_init must be 'euclidean' or 'mean', got {self.head_init!r}.")
+        if self.meta_head_init not in ("euclidean", "mean", "zero"):
+            raise ValueError(
+                f"meta_head_init must be 'euclidean', 'mean' or 'zero', got {self.meta_head_init!r}."
+            )
         if self.meta_strategy not in ("second", "first"):
             raise ValueError(f"meta_strategy must be 'second' or 'first', got {self.meta_strategy!r}.")
         for name in (
