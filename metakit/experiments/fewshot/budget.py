@@ -126,6 +126,8 @@ def run_budget_study(study: BudgetStudy, out: str | Path, *, resume: bool = Fals
     from metakit.experiments.fewshot.unit import FewShotResources
 
     out = Path(out)
+    if study.base.threads:
+        torch.set_num_threads(study.base.threads)
     lock, results = open_folder(
         out,
         study.to_dict(),
