@@ -134,7 +134,15 @@ def run_budget_study(study: BudgetStudy, out: str | Path, *, resume: bool = Fals
         study.fingerprint(),
         differing=lambda saved: sorted(k for k in study.to_dict() if saved.get(k) != study.to_dict()[k]),
         resume=resume,
-        empty={"sweep": {}, "inner_rate": None, "chosen": {}, "gains": {}},
+        # "units" stays empty (the evaluated units live in eval/*): the shared results reader wants the key
+        empty={
+            "units": [],
+            "config": study.to_dict(),
+            "sweep": {},
+            "inner_rate": None,
+            "chosen": {},
+            "gains": {},
+        },
         experiment="fewshot-budget",
     )
     try:
