@@ -13,7 +13,8 @@ rates, the study
 3. **evaluates** each budget's chosen weights on the targets: a normal ``metakit fewshot run`` folder
    per budget (``eval/steps-{n}``, its config saying ``meta_steps = n`` and the chosen ``outer_lr``,
    its checkpoint the sweep's weights), and the from-scratch ``baseline`` setting once
-   (``eval/baseline``), so ``metakit fewshot verify`` and ``table`` work on each.
+   (``eval/baseline``, or an existing folder's units with ``baseline_from``), so ``metakit fewshot
+   verify`` and ``table`` work on each.
 
 Layout of the output folder::
 
@@ -48,7 +49,14 @@ from metakit.experiments.folder import open_folder
 from metakit.experiments.paired import interval_text, paired_difference
 from metakit.experiments.report import read_results, write_json
 
-__all__ = ["BudgetStudy", "budget_report", "run_budget_study", "study_from_folder"]
+#: Config keys that only meta-training reads: a from-scratch baseline's units do not depend on them.
+META_TRAINING_KEYS = (
+    "meta_steps", "meta_batch", "n_way", "k_shot", "q_query", "inner_steps", "inner_lr", "outer_lr",
+    "prime_lr", "meta_strategy", "meta_head_init", "meta_dev_episodes", "arch_lr", "pool_tasks",
+    "pool_examples", "settings",
+)  # fmt: skip
+
+__all__ = ["META_TRAINING_KEYS", "BudgetStudy", "budget_report", "run_budget_study", "study_from_folder"]
 
 
 @dataclass
@@ -64,6 +72,11 @@ class BudgetStudy:
         inner_rates: when given, the inner rate is chosen first among these, on the dev episodes before
             meta-training (lowest query loss after the inner loop); otherwise ``base.inner_lr``.
         dev_every: measure the dev episodes every this many steps (and at every budget).
+        baseline_from: a ``metakit fewshot run`` folder that already holds the baseline's units (e.g.
+            another study's ``eval/baseline``; a relative path is relative to the study's folder) instead
+            of running them again; its config must equal ``base`` in every key that changes a
+            from-scratch unit (all but `META_TRAINING_KEYS`). Neither it nor ``baseline`` changes the
+            sweep or the budgets' folders, so a study can be resumed with them added.
     """
 
     base: FewShotConfig
@@ -73,6 +86,7 @@ class BudgetStudy:
     rates: list[float] = field(default_factory=lambda: [3e-4, 1e-3])
     inner_rates: list[float] | None = None
     dev_every: int = 10
+    baseline_from: str | None = None
 
     def __post_init__(self) -> None:
         spec = FEWSHOT_SETTINGS.get(self.setting)
@@ -95,6 +109,10 @@ class BudgetStudy:
             raise ValueError(
                 "The budget study chooses rates on the pool's dev episodes; set meta_dev_episodes >= 1."
             )
+
+    def baseline_folder(self, out: str | Path) -> Path:
+        """Where the baseline's units are: ``baseline_from`` or the study's own ``eval/baseline``."""
+        return Path(out) / self.baseline_from if self.baseline_from else Path(out) / "eval" / "baseline"
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
@@ -126,13 +144,20 @@ def run_budget_study(study: BudgetStudy, out: str | Path, *, resume: bool = Fals
     from metakit.experiments.fewshot.unit import FewShotResources
 
     out = Path(out)
+    if study.baseline_from is not None:
+        _check_baseline_from(study, out)
     if study.base.threads:
         torch.set_num_threads(study.base.threads)
     lock, results = open_folder(
         out,
         study.to_dict(),
         study.fingerprint(),
-        differing=lambda saved: sorted(k for k in study.to_dict() if saved.get(k) != study.to_dict()[k]),
+        # the baseline does not change the sweep or the budgets' folders: it may be added on resume
+        differing=lambda saved: sorted(
+            k
+            for k, v in study.to_dict().items()
+            if k not in ("baseline", "baseline_from") and saved.get(k) != v
+        ),
         resume=resume,
         # "units" stays empty (the evaluated units live in eval/*): the shared results reader wants the key
         empty={
@@ -170,7 +195,7 @@ def run_budget_study(study: BudgetStudy, out: str | Path, *, resume: bool = Fals
                 shutil.copyfile(out / "sweep" / f"lr-{_rate_key(rate)}" / f"step-{budget}.pt", checkpoint)
             with FewShotExperiment(config, folder, resume=(folder / "config.json").is_file()) as experiment:
                 experiment.run()
-        if study.baseline is not None:
+        if study.baseline is not None and study.baseline_from is None:
             config = FewShotConfig(**{**study.base.to_dict(), "settings": [study.baseline]})
             folder = out / "eval" / "baseline"
             with FewShotExperiment(config, folder, resume=(folder / "config.json").is_file()) as experiment:
@@ -179,6 +204,31 @@ def run_budget_study(study: BudgetStudy, out: str | Path, *, resume: bool = Fals
         return results
     finally:
         lock.release()
+
+
+def _check_baseline_from(study: BudgetStudy, out: Path) -> None:
+    """``baseline_from`` must hold the baseline's units for this study's targets, run with its config."""
+    from metakit.experiments.folder import saved_config
+
+    folder = study.baseline_folder(out)
+    saved = saved_config(folder) if (folder / "config.json").is_file() else None
+    if saved is None or not (folder / "results.json").is_file():
+        raise FileNotFoundError(f"baseline_from {str(folder)!r} holds no `metakit fewshot run` results.")
+    if study.baseline is None or study.baseline not in saved.get("settings", []):
+        raise ValueError(
+            f"baseline_from {str(folder)!r} did not run the baseline setting {study.baseline!r}."
+        )
+    mine = study.base.to_dict()
+    differ = sorted(
+        k
+        for k in set(mine) | set(saved)
+        if k not in META_TRAINING_KEYS and k != "threads" and saved.get(k) != mine.get(k)
+    )
+    if differ:
+        raise ValueError(
+            f"baseline_from {str(folder)!r} was run with another config (keys that change its units: {differ}); "
+            "run the study's own baseline instead (leave out --baseline-from)."
+        )
 
 
 def _dev_at(results: dict[str, Any], rate: float, step: int) -> float:
@@ -260,7 +310,7 @@ def _accuracies(folder: Path, setting: str) -> dict[tuple, float]:
 
 
 def _save(out: Path, study: BudgetStudy, results: dict[str, Any]) -> None:
-    baseline = _accuracies(out / "eval" / "baseline", study.baseline) if study.baseline else {}
+    baseline = _accuracies(study.baseline_folder(out), study.baseline) if study.baseline else {}
     results["gains"] = {}
     results["accuracy"] = {}
     for budget in study.budgets:

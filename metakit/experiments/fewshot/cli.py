@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -109,6 +110,9 @@ def _add_budget_arguments(commands: Any) -> None:
     )
     run_parser.add_argument("--baseline", help="the from-scratch setting to compare with, e.g. adapters")
     run_parser.add_argument(
+        "--baseline-from", metavar="FOLDER", help="take the baseline's units from this fewshot run folder"
+    )
+    run_parser.add_argument(
         "--budgets", type=int_list, default=[30, 100, 300], help="meta-steps (30,100,300)"
     )
     run_parser.add_argument("--rates", type=_float_list, default=[3e-4, 1e-3], help="outer rates (3e-4,1e-3)")
@@ -169,7 +173,9 @@ def _budget(args: argparse.Namespace) -> int:
             base = load_fewshot_config(args.preset, args.config, overrides)
             study = BudgetStudy(
                 base, args.setting, baseline=args.baseline, budgets=args.budgets, rates=args.rates,
-                inner_rates=args.inner_rates, dev_every=args.dev_every,
+                inner_rates=args.inner_rates, dev_every=args.dev_every, baseline_from=(
+                    os.path.relpath(args.baseline_from, args.out) if args.baseline_from else None
+                ),
             )  # fmt: skip
         run_budget_study(study, args.out, resume=args.resume)
     except (
