@@ -164,6 +164,14 @@ def test_the_study_chooses_on_dev_evaluates_verifiably_and_resumes_exactly(tiny,
         assert all(torch.equal(a[k], b[k]) for k in a)
     assert resumed["gains"] == results["gains"]
 
+    # A study may take its baseline's units from another folder run with the same unit-changing keys.
+    shared = BudgetStudy(**{**study.__dict__, "baseline_from": str(tmp_path / "a" / "eval" / "baseline")})
+    borrowed = run_budget_study(shared, tmp_path / "c")
+    assert borrowed["gains"] == results["gains"] and not (tmp_path / "c" / "eval" / "baseline").exists()
+    other = type(config)(**{**config.to_dict(), "ft_steps": config.ft_steps + 1})
+    with pytest.raises(ValueError, match=r"keys that change its units: \['ft_steps'\]"):
+        run_budget_study(BudgetStudy(**{**shared.__dict__, "base": other}), tmp_path / "d")
+
     # A finished study resumed again runs nothing and keeps its results; the plot draws both studies.
     again = run_budget_study(study, tmp_path / "a", resume=True)
     assert again["sweep"] == results["sweep"] and again["gains"] == results["gains"]
