@@ -188,10 +188,11 @@ RAW_FLOOR_MIB = 10.0
 def rss_model(records: list[dict]) -> tuple[dict[str, float], float]:
     """RSS = ratio × predicted bytes + first-use cost of the mode, calibrated on sine and bert at S=1.
 
-    The first meta-step of a fresh process also loads what the mode uses for the first time (code
-    pages, lazily imported modules: torch.func for forward mode), a cost that does not scale with the
-    step: sine's steps allocate under 1 MiB, so its measured increase is that cost. The ratio is
-    the allocator's (glibc keeps freed heap pages resident): bert at S=1, median over modes.
+    The measurement runs a warm-up step of the same mode first (`measure_one`), so what the mode
+    loads on first use (code pages, lazily imported modules: torch.func for forward mode) is mostly
+    paid before it; sine's steps allocate under 1 MiB, so its measured increase is what remains of
+    that cost. The ratio is what the allocator and kernels add to the traced bytes (small with the
+    fixed mmap threshold of `MEASURE_ENV`): bert at S=1, median over modes.
     """
     ok = [r for r in records if r.get("status") == "ok"]
     first_use = {
@@ -234,12 +235,18 @@ def _table(records: list[dict]) -> str:
         "measurement ran the code of its time (records carry their commit and time where the runner recorded them).",
         "",
         'Predicted: the bytes the meta-step allocates, from a fake-tensor trace (`mk.plan(..., device="cpu")`). '
-        "Measured: the peak RSS increase of the first meta-step in a fresh process (`PeakRSS`, as `metakit bench`). "
-        f"Error = predicted RSS / measured - 1; a row passes within ±{TOLERANCE:.0%}.",
+        "Measured: the peak RSS increase of the workload's first meta-step in a fresh process (`PeakRSS`, as "
+        "`metakit bench`), after one warm-up meta-step of the same mode on the sine workload (so code the mode "
+        "loads on first use is not counted as the step's memory), with glibc's mmap threshold fixed at 128 KiB "
+        "(`MALLOC_MMAP_THRESHOLD_=131072`: freed blocks go back to the system, so RSS follows what the step "
+        "holds, as a GPU allocator's peak does). With glibc's default, dynamic threshold RSS ran 30-50 % above the "
+        "live bytes on activation-heavy steps: `plan-validation-default-malloc.md` is that first table (no "
+        f"warm-up, default allocator). Error = predicted RSS / measured - 1; a row passes within ±{TOLERANCE:.0%}.",
         "",
         f"RSS model (`rss_model`): predicted RSS = {ratio:.2f} × predicted bytes + the mode's first-use cost "
-        f"({', '.join(f'{k}: {v:.0f} MiB' for k, v in first_use.items())}). The costs are sine's measured "
-        "increases at S=1 (its steps allocate under 1 MiB), the ratio is the median over modes of bert at S=1. "
+        f"({', '.join(f'{k}: {v:.1f} MiB' for k, v in first_use.items())}). The costs are sine's measured "
+        "increases at S=1 after the warm-up (its steps allocate under 1 MiB), the ratio is the median over modes "
+        "of bert at S=1. "
         "Those rows are marked *calibration*: the model is fitted to them, so they validate nothing and are "
         "left out of the counts below; every other row validates it. 'raw' is the error of the predicted bytes alone.",
         "",
@@ -304,8 +311,8 @@ def _summary(validating: list[dict], calibrating: list[dict], not_measured: list
             f"{RAW_FLOOR_MIB:.0f} MiB: median error {_pct(raw[len(raw) // 2])}, from {_pct(raw[0])} to "
             f"{_pct(raw[-1])}"
             + (
-                ": the bytes are systematically below the RSS increase (the allocator keeps freed pages, "
-                "kernels allocate workspaces the trace does not see, code is loaded on first use)."
+                ": the bytes are systematically below the RSS increase (the allocator's own overhead, kernels' "
+                "workspaces the trace does not see)."
                 if raw[-1] < 0
                 else "."
             ),
