@@ -32,6 +32,10 @@ __all__ = ["main", "measure_one", "predict", "predict_learner"]
 MIB = 2**20
 WORKLOADS = ("sine", "bert", "priming", "bert-long", "priming-long")
 TOLERANCE = 0.25
+#: What a peak-RSS increase resolves: blocks under the 128 KiB mmap threshold come from a heap the
+#: warm-up step already grew, so a step that allocates less than about this much shows (almost) none of
+#: it. A row whose prediction is this close to the measurement passes whatever its relative error.
+RESOLUTION_MIB = 1.0
 
 
 def _learner(built, strategy, steps: int):
@@ -196,7 +200,7 @@ def rss_model(records: list[dict]) -> tuple[dict[str, float], float]:
     """
     ok = [r for r in records if r.get("status") == "ok"]
     first_use = {
-        _family(r["mode"]): r["measured_mib"] - r["predicted_mib"]
+        _family(r["mode"]): max(0.0, r["measured_mib"] - r["predicted_mib"])
         for r in ok
         if (r["workload"], r["steps"]) == ("sine", 1)
     }
@@ -206,6 +210,12 @@ def rss_model(records: list[dict]) -> tuple[dict[str, float], float]:
         if (r["workload"], r["steps"]) == ("bert", 1)
     )
     return first_use, ratios[len(ratios) // 2] if ratios else 1.0  # 1.0 until bert at S=1 is measured
+
+
+def _passes(record: dict) -> bool:
+    """Within the tolerance, or within what the measurement resolves."""
+    close = abs(record["modelled_mib"] - record["measured_mib"]) <= RESOLUTION_MIB
+    return abs(record["error"]) <= TOLERANCE or close
 
 
 def _order(record: dict) -> tuple:
@@ -241,7 +251,9 @@ def _table(records: list[dict]) -> str:
         "(`MALLOC_MMAP_THRESHOLD_=131072`: freed blocks go back to the system, so RSS follows what the step "
         "holds, as a GPU allocator's peak does). With glibc's default, dynamic threshold RSS ran 30-50 % above the "
         "live bytes on activation-heavy steps: `plan-validation-default-malloc.md` is that first table (no "
-        f"warm-up, default allocator). Error = predicted RSS / measured - 1; a row passes within ±{TOLERANCE:.0%}.",
+        f"warm-up, default allocator). Error = predicted RSS / measured - 1; a row passes within ±{TOLERANCE:.0%}, "
+        f"or within {RESOLUTION_MIB:.0f} MiB of the measurement (what an RSS increase resolves: sine's steps allocate "
+        "0.2-0.4 MiB in blocks the heap already holds, so its measured increases are 0-0.1 MiB).",
         "",
         f"RSS model (`rss_model`): predicted RSS = {ratio:.2f} × predicted bytes + the mode's first-use cost "
         f"({', '.join(f'{k}: {v:.1f} MiB' for k, v in first_use.items())}). The costs are sine's measured "
@@ -266,7 +278,7 @@ def _table(records: list[dict]) -> str:
             status = "calibration"
             calibrating.append(r)
         elif status == "ok":
-            status = "ok" if abs(r["error"]) <= TOLERANCE else "**miss**"
+            status = "ok" if _passes(r) else "**miss**"
             validating.append(r)
         else:
             not_measured.append(r)
@@ -293,11 +305,13 @@ def _summary(validating: list[dict], calibrating: list[dict], not_measured: list
         f"{len(validating)} validating; {len(not_measured)} skipped (not planned, or predicted slower than --max-seconds)."
     ]
     if validating:
-        worst = max(validating, key=lambda r: abs(r["error"]))
-        misses = [r for r in validating if abs(r["error"]) > TOLERANCE]
+        resolved = [r for r in validating if r["measured_mib"] > RESOLUTION_MIB] or validating
+        worst = max(resolved, key=lambda r: abs(r["error"]))
+        misses = [r for r in validating if not _passes(r)]
         lines[-1] += (
-            f" Of the validating rows, {len(misses)} outside ±{TOLERANCE:.0%}; worst error {_pct(worst['error'])} "
-            f"({_config(worst)})."
+            f" Of the validating rows, {len(misses)} miss (outside ±{TOLERANCE:.0%} and more than "
+            f"{RESOLUTION_MIB:.0f} MiB off); worst error of the rows measured above {RESOLUTION_MIB:.0f} MiB "
+            f"{_pct(worst['error'])} ({_config(worst)})."
         )
         if misses:
             lines += ["", "Misses:", ""]
