@@ -252,15 +252,17 @@ def test_validation_table_keeps_calibration_out_of_the_counts_and_lists_every_mi
         record("bert", 5, "SecondOrder()", 100.0, 200.0),  # measured later: this one is kept
         record("bert", 10, "SecondOrder()", 100.0, 400.0),  # modelled 210: a miss
         record("sine", 10, "FirstOrder()", 0.2, 0.9),  # modelled 0.4: -56 %, but within the 1 MiB resolution
+        record("sine", 5, "FirstOrder()", 0.2, 0.0),  # nothing measurable: no relative error, within 1 MiB
         record("bert-long", 1, "SecondOrder()", None, None, status="not measured: predicted 900 s"),
     ]
     path = tmp_path / "v.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     records = _records(path)
-    assert len(records) == 6 and [r["status"] for r in records if r["steps"] == 5] == ["ok"]
+    assert len(records) == 7 and [r["status"] for r in records if r["steps"] == 5] == ["ok", "ok"]
     table = _table(records)
     assert table.count("| calibration |") == 2 and "| ok |" in table and "| **miss** |" in table
-    assert "2 calibration, 3 validating; 1 skipped" in table
+    assert "2 calibration, 4 validating; 1 skipped" in table
+    assert "| sine | 5 | FirstOrder() | 0.2 MiB | 0.4 MiB | 0.0 MiB |  |  |" in table
     assert "| sine | 10 | FirstOrder() | 0.2 MiB | 0.4 MiB | 0.9 MiB | -56% |" in table
     assert (
         "1 miss (outside ±25% and more than 1 MiB off); worst error of the rows measured above 1 MiB -48% "

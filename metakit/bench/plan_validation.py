@@ -215,7 +215,7 @@ def rss_model(records: list[dict]) -> tuple[dict[str, float], float]:
 def _passes(record: dict) -> bool:
     """Within the tolerance, or within what the measurement resolves."""
     close = abs(record["modelled_mib"] - record["measured_mib"]) <= RESOLUTION_MIB
-    return abs(record["error"]) <= TOLERANCE or close
+    return close or (record["error"] is not None and abs(record["error"]) <= TOLERANCE)
 
 
 def _order(record: dict) -> tuple:
@@ -305,7 +305,8 @@ def _summary(validating: list[dict], calibrating: list[dict], not_measured: list
         f"{len(validating)} validating; {len(not_measured)} skipped (not planned, or predicted slower than --max-seconds)."
     ]
     if validating:
-        resolved = [r for r in validating if r["measured_mib"] > RESOLUTION_MIB] or validating
+        resolved = [r for r in validating if r["measured_mib"] > RESOLUTION_MIB and r["error"] is not None]
+        resolved = resolved or [r for r in validating if r["error"] is not None] or validating
         worst = max(resolved, key=lambda r: abs(r["error"]))
         misses = [r for r in validating if not _passes(r)]
         lines[-1] += (
