@@ -39,6 +39,9 @@ from metakit.experiments.fewshot.config import FEWSHOT_PRESETS, FewShotConfig, l
 
 __all__ = ["add_arguments", "run"]
 
+#: Bad input a run reports in one ``error:`` line (with the folder lock's and results file's errors).
+_RUN_ERRORS = (ValueError, FileNotFoundError, FileExistsError, ImportError)
+
 PRESET_PURPOSE = {
     "paper": "every task, k in {4, 8, 16}, 10 episodes, full test sets, exact meta-gradients: a GPU",
     "cpu": "all twelve tasks at k = 8, 16, episodes 0-1, 100 test examples per task, every setting: two "
@@ -178,14 +181,7 @@ def _budget(args: argparse.Namespace) -> int:
                 ),
             )  # fmt: skip
         run_budget_study(study, args.out, resume=args.resume)
-    except (
-        ValueError,
-        FileNotFoundError,
-        FileExistsError,
-        ImportError,
-        FolderLockedError,
-        ResultsFileError,
-    ) as error:
+    except (*_RUN_ERRORS, FolderLockedError, ResultsFileError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
@@ -241,14 +237,7 @@ def _run_experiment(args: argparse.Namespace) -> int:
     return run_and_show_table(
         start,
         args.out,
-        errors=(
-            ValueError,
-            FileNotFoundError,
-            FileExistsError,
-            ImportError,
-            FolderLockedError,
-            ResultsFileError,
-        ),
+        errors=(*_RUN_ERRORS, FolderLockedError, ResultsFileError),
         resume_hint=f"metakit fewshot run --out {args.out} --resume",
     )
 
