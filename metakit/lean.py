@@ -11,8 +11,9 @@ that do not keep every step's activations until the outer backward pass. Both ru
   that gradient. Its backward pulls the adjoint through the optimizer's update by reverse mode
   (cheap, elementwise), which gives the adjoint ``v`` of the inner gradient, and then forms the
   Hessian terms ``H_pp v`` and the mixed term ``H_cp v`` (context ``c``: outer-only parameters) in
-  one forward-over-reverse pass, ``torch.func.jvp`` of ``torch.func.grad`` of the support loss
-  along ``v``. Memory: S × (inner parameters + optimizer state + gradient) plus one step's
+  one forward-over-reverse pass: a backward pass of the support loss on dual tensors
+  (``torch.autograd.forward_ad``) whose parameters carry the tangent ``v``; it builds no graph, so it
+  holds one forward pass's activations and their tangents. Memory: S × (inner parameters + optimizer state + gradient) plus one step's
   activations.
 - `Recomputed` (``SecondOrder(checkpoint=k)``): the usual reverse-over-reverse
   graph, recomputed in segments of ``k`` steps during the backward pass, each segment freed once its
@@ -280,7 +281,7 @@ def _step_backward(
     grad_float_state = iter(pulled[2 * n_p : 2 * n_p + len(float_state)])
     grad_lr = pulled[2 * n_p + len(float_state) :]
 
-    # 2. Forward over reverse: H_pp v and the mixed term H_cp v in one jvp of the gradient.
+    # 2. Forward over reverse: H_pp v and the mixed term H_cp v in one dual-tensor backward pass.
     hvp_params, hvp_context = _hessian_vector_products(call, index, random, params, context, v)
     grad_params = [g + h for g, h in zip(grad_params, hvp_params, strict=True)]
     grad_state = [next(grad_float_state) if is_float else None for is_float in layout.state_is_float]
@@ -399,12 +400,11 @@ def _hessian_vector_products(
     used = call.used if call.used is not None else [True] * len(context)
     live = {n: c.detach() for n, c, u in zip(layout.context_names, context, used, strict=True) if u}
     fixed = {n: c.detach() for n, c, u in zip(layout.context_names, context, used, strict=True) if not u}
-    gradient = call.step.gradient_with_live(index, {}, live, fixed)
     primals = layout.params([p.detach() for p in params])
     tangents = layout.params([t.detach() for t in v])
     try:
         with random.restored(), double_backward_safe():
-            _, (hvp_inner, hvp_outer) = torch.func.jvp(gradient, (primals,), (tangents,))
+            hvp_inner, hvp_outer = call.step.hessian_vector_products(index, primals, tangents, live, fixed)
     except (RuntimeError, NotImplementedError) as error:
         translated = forward_mode_error(error)
         if translated is None:

@@ -23,6 +23,7 @@ from typing import Any, Protocol
 
 import optree
 import torch
+from torch.autograd import forward_ad
 
 from metakit.buffers import TaskBuffers, eval_statistics
 from metakit.functional import double_backward_safe
@@ -136,27 +137,45 @@ class InnerStep:
         grads = scaled_grad(total, tuple(params.values()), scale, create_graph=create_graph)
         return dict(zip(params, grads, strict=True)), loss
 
-    def gradient_with_live(
-        self, index: int, params: Params, live: Params, fixed: Params | None = None
-    ) -> Callable[[Params], tuple[Params, Params]]:
-        """``params -> (∂L/∂params, ∂L/∂live)`` as a ``torch.func`` function (a replayed forward).
+    def hessian_vector_products(
+        self,
+        index: int,
+        params: Params,
+        tangents: Params,
+        live: Params,
+        fixed: Params | None = None,
+    ) -> tuple[Params, dict[str, torch.Tensor | None]]:
+        """``(H_pp v, H_cp v)`` at ``params`` along ``tangents`` ``v``, by forward over reverse.
 
-        Forward-over-reverse differentiates it along a tangent of ``params``: the Hessian-vector
-        product and the mixed term of the live context in one pass. ``fixed``: live tensors the loss
-        reads but whose mixed term is not wanted (it is zero: the loss does not depend on them
-        differentiably), passed as constants so that no zero gradient is formed for them.
+        One backward pass of the support loss (a replayed forward) on dual tensors
+        (``torch.autograd.forward_ad``): the gradient's tangent along ``v`` is the Hessian-vector
+        product, and the tangent of the gradient of each ``live`` tensor is its mixed term (``None``
+        where the gradient does not depend on ``params``). The backward pass builds no graph, so it
+        holds one forward pass's activations and their tangents, no more. ``fixed``: live tensors
+        the loss reads but whose mixed term is not wanted (it is zero: the loss does not depend on
+        them differentiably), passed as constants so that no zero gradient is formed for them.
         """
-        where, scale, fixed = self.where(index), self.loss_scale, fixed or {}
-
-        def total(inner: Params, outer: Params) -> torch.Tensor:
-            loss = self._regularized(self.loss(inner, {**fixed, **outer}, replay=True, where=where), inner)
-            return loss * scale if scale is not None else loss
-
-        def gradient(inner: Params) -> tuple[Params, Params]:
-            grads, live_grads = torch.func.grad(total, argnums=(0, 1))(inner, live)
-            return _unscaled(grads, scale), _unscaled(live_grads, scale)
-
-        return gradient
+        where, scale = self.where(index), self.loss_scale
+        with torch.enable_grad(), forward_ad.dual_level():
+            duals = {
+                name: forward_ad.make_dual(p.detach(), tangents[name].detach()).requires_grad_(True)
+                for name, p in params.items()
+            }
+            outer = {name: c.detach().requires_grad_(True) for name, c in live.items()}
+            loss = self._regularized(
+                self.loss(duals, {**(fixed or {}), **outer}, replay=True, where=where), duals
+            )
+            if scale is not None:
+                loss = loss * scale
+            grads = torch.autograd.grad(loss, [*duals.values(), *outer.values()], allow_unused=True)
+            products = [None if g is None else forward_ad.unpack_dual(g).tangent for g in grads]
+        products = [None if t is None else (t / scale if scale is not None else t) for t in products]
+        inner = {
+            name: torch.zeros_like(p) if t is None else t
+            for (name, p), t in zip(params.items(), products[: len(duals)], strict=True)
+        }
+        mixed = dict(zip(outer, products[len(duals) :], strict=True))
+        return inner, mixed
 
     def init_state(self, params: Mapping[str, torch.Tensor]) -> Any:
         """The optimizer state for ``params``; per task under ``vmap`` (TorchOpt writes some of it in place)."""

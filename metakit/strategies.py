@@ -78,8 +78,8 @@ class SecondOrder(Unrolled):
         hvp: ``"reverse"`` (default): keep every step's ``create_graph`` graph and back-propagate
             through it (reverse over reverse; memory grows with every step's activations).
             ``"forward"``: each step is one op that keeps only its inputs and gradient; its backward
-            forms the Hessian-vector products by forward over reverse (``torch.func.jvp`` of
-            ``torch.func.grad``; MixFlow-MG). Memory grows with S × the inner parameters, not with S ×
+            forms the Hessian-vector products by forward over reverse (one backward pass
+            of the support loss on ``torch.autograd.forward_ad`` dual tensors; MixFlow-MG). Memory grows with S × the inner parameters, not with S ×
             the activations: it pays when the inner set is small next to the activations. Every
             operation in the support loss needs a forward-mode derivative.
         checkpoint: recompute the inner steps in segments of this many steps during the backward

@@ -51,10 +51,10 @@ class SavedTensorCounter:
         self.tensors_saved += 1
         try:
             storage = tensor.untyped_storage()
-        except (RuntimeError, NotImplementedError):
+            key = (str(storage.device), storage.data_ptr())
+        except (RuntimeError, NotImplementedError):  # no plain storage (a dual tensor's tangent view...)
             self.unaccounted += 1
             return tensor
-        key = (str(storage.device), storage.data_ptr())
         if key not in self._storages and storage.nbytes() > 0:
             self._storages[key] = storage
         return tensor
