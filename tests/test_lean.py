@@ -242,3 +242,43 @@ def test_forward_segments_keep_segment_inputs_only(monkeypatch):
     # inputs + gradient per step, against the inputs of one step in four
     assert per_step["SecondOrder(hvp='forward')"] == pytest.approx(2 * params, rel=0.05)
     assert per_step["SecondOrder(hvp='forward', checkpoint=4)"] == pytest.approx(params / 4, rel=0.05)
+
+
+def test_hessian_vector_products_equal_a_double_backward_loop():
+    """The step's dual-tensor pass gives H_pp v and the mixed term H_cp v of a hand-written
+    ``autograd.grad(create_graph=True)`` loop, builds no graph, and leaves no dual level open."""
+    from torch.autograd import forward_ad
+
+    from metakit.buffers import TaskBuffers
+    from metakit.inner import model_forward
+    from metakit.step import InnerStep
+
+    model = mlp(seed=3)
+    (task,) = sine(1, seed=3)
+    names = [name for name, _ in model.named_parameters()]
+    inner_names, outer_names = names[2:], names[:2]  # the first layer is outer-only context
+    params = {name: p.detach() for name, p in model.named_parameters()}
+    step = InnerStep(None, model_forward(model, mse_loss), model, TaskBuffers(model, "update"), task.support)
+    torch.manual_seed(0)
+    tangents = {name: torch.randn_like(params[name]) for name in inner_names}
+
+    inner = {name: params[name] for name in inner_names}
+    live = {name: params[name] for name in outer_names}
+    hvp, mixed = step.hessian_vector_products(0, inner, tangents, live)
+
+    leaves = {name: p.clone().requires_grad_(True) for name, p in params.items()}
+    loss = step.loss(
+        {name: leaves[name] for name in inner_names}, {name: leaves[name] for name in outer_names}
+    )
+    grads = torch.autograd.grad(loss, [leaves[name] for name in inner_names], create_graph=True)
+    dot = sum((g * tangents[name]).sum() for g, name in zip(grads, inner_names, strict=True))
+    expected = dict(zip(names, torch.autograd.grad(dot, [leaves[name] for name in names]), strict=True))
+
+    for name in inner_names:
+        torch.testing.assert_close(hvp[name], expected[name], rtol=1e-10, atol=1e-12)
+        assert not hvp[name].requires_grad
+    for name in outer_names:
+        torch.testing.assert_close(mixed[name], expected[name], rtol=1e-10, atol=1e-12)
+    assert expected[outer_names[0]].abs().sum() > 0  # the mixed term is not trivially zero
+    with forward_ad.dual_level():  # the step's level was closed: a new one can open
+        pass

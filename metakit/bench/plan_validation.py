@@ -149,7 +149,7 @@ def run(workloads, steps_list, out: Path, max_seconds: float) -> None:
             planned = predict(workload, steps, missing)
             trace_s = (time.perf_counter() - started) / len(planned.rows)
             for row in planned.rows:
-                if (workload, steps, row.mode) in done:
+                if row.mode not in missing:  # done, or the learner's own strategy, which the plan adds
                     continue
                 record = {
                     "workload": workload,
