@@ -482,3 +482,28 @@ def test_a_record_is_found_again_by_its_configuration():
     record["config"].pop("grad_path")
     assert _key_of(record) == _key(config)
     assert _key_of(record) != _key(replace(config, steps=3))
+
+
+def test_saved_bytes_that_do_not_fit_are_not_measurable_and_say_why(monkeypatch):
+    """Counting holds every saved storage until the step ends; running out of memory doing so leaves
+    the column empty with the reason, and the rest of the record is measured."""
+    from metakit.bench import measure as measure_module
+    from metakit.bench.config import Config
+
+    enter, calls = measure_module.SavedTensorCounter.__enter__, []
+
+    def out_of_memory_once(self):  # metakit's step runs out; the hand-written loop's count is fine
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError(
+                "DefaultCPUAllocator: can't allocate memory: you tried to allocate 2097152 bytes."
+            )
+        return enter(self)
+
+    monkeypatch.setattr(measure_module.SavedTensorCounter, "__enter__", out_of_memory_once)
+    record = measure_module.measure(
+        Config(workload="sine", strategy="second-order-forward", steps=1, repeats=1)
+    )
+    assert record["status"] == "ok" and record["saved_mib"] is None
+    assert "ran out of memory" in record["saved_note"] and "can't allocate memory" in record["saved_note"]
+    assert record["time_ms"] > 0 and record["peak_rss_increase_mib"] is not None

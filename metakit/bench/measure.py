@@ -102,15 +102,26 @@ def measure(config: Config) -> dict:
             metakit_step()
         record["saved_mib"] = saved.nbytes / MIB
         record["saved_storages"] = saved.storages
-    except (RuntimeError, ValueError) as error:  # Vmap reports it as a VmapError (a ValueError)
-        if "saved tensor hooks" not in str(error):
-            raise
-        # torch.func transforms (torchopt's implicit differentiation, the Vmap executor) refuse these hooks
+    except (RuntimeError, ValueError, MemoryError) as error:  # Vmap: a VmapError (a ValueError)
+        from metakit.bench.worker import classify_failure  # the worker imports this module
+
         record["saved_mib"] = None
-        record["saved_note"] = (
-            "not measurable: the step runs under a torch.func transform, which refuses the saved-tensor "
-            f"hooks that count saved bytes ({str(error).splitlines()[0][:120]})"
-        )
+        if classify_failure(error, memory_capped=config.device == "cpu") == "oom":
+            # The counter holds every saved storage until the step ends: a total, which for a mode that
+            # recomputes (forward over reverse, segments) can exceed what its step holds at once.
+            record["saved_note"] = (
+                "not measurable here: holding every storage the meta-step saves (each recomputation's "
+                f"too) until the step ends ran out of memory ({str(error).splitlines()[0][:120]})"
+            )
+        elif "saved tensor hooks" in str(error):
+            # torch.func transforms (torchopt's implicit differentiation, the Vmap executor) refuse these hooks
+            record["saved_note"] = (
+                "not measurable: the step runs under a torch.func transform, which refuses the saved-tensor "
+                f"hooks that count saved bytes ({str(error).splitlines()[0][:120]})"
+            )
+        else:
+            raise
+        gc.collect()
 
     # 3. the hand-written loop on the same weights and batch: its gradient and saved bytes
     if run_reference is not None:
