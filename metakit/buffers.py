@@ -14,10 +14,11 @@ A module's forward in training mode updates its BatchNorm running statistics in 
   meta-batch adapts on the same statistics, whichever executor runs it; update them yourself (or
   keep a pretrained model's).
 
-A step that is run again — recomputed in the backward pass (``SecondOrder(checkpoint=k)``), or
-inside a ``torch.func`` transform (``hvp="forward"``'s Hessian-vector products, ``Vmap``,
-``Implicit``'s optimality condition) — runs on a throw-away copy of the buffers, so statistics are
-updated once per step and never by a transform (which may not write to a captured tensor). For
+A step that is run again — recomputed in the backward pass (``SecondOrder(checkpoint=k)``, and
+``hvp="forward"``'s forward-over-reverse pass on dual tensors), or inside a ``torch.func`` transform
+(``Vmap``, ``Implicit``'s optimality condition) — runs on a throw-away copy of the buffers, so
+statistics are updated once per step and never by a transform (which may not write to a captured
+tensor). For
 BatchNorm this changes nothing the meta-gradient sees: a training-mode forward reads batch
 statistics, never the running ones.
 """
