@@ -23,7 +23,7 @@ def test_compares_strategies_on_one_workload(tmp_path):
     # First order skips the double backward: fewer FLOPs than exact second order, never more.
     assert 0 < first["flop_ratio"] < 0.8
     table = out.read_text()
-    assert "| sine | 2 | SecondOrder |" in table and "| sine | 2 | FirstOrder |" in table
+    assert "| 1 | sine | 2 | SecondOrder |" in table and "| 1 | sine | 2 | FirstOrder |" in table
 
 
 def test_unknown_strategy_is_named(capsys):

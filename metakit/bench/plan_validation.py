@@ -79,7 +79,11 @@ def measure_one(workload: str, mode: str, steps: int, warm_up: bool = True) -> d
     from metakit.bench.workloads import WORKLOADS as BENCH
     from metakit.planning import default_modes
 
-    (entry,) = [m for m in default_modes(steps) if m.label == mode]
+    candidates = [m for k in (None, *range(1, steps + 1)) for m in default_modes(steps, checkpoint=k)]
+    matching = [m for m in candidates if m.label == mode]
+    if not matching:
+        raise ValueError(f"unknown mode {mode!r} at S={steps}; known: {sorted({m.label for m in candidates})}")
+    entry = matching[0]
     if warm_up:
         sine = BENCH["sine"].build(torch.device("cpu"))
         _learner(sine, entry.build(), steps).meta_step(sine.tasks)

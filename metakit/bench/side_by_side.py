@@ -12,7 +12,7 @@ avoid), and the peak memory of the first meta-step in a fresh process, measured 
     python -m metakit.bench.side_by_side --workload bert-long --steps 10 \\
         --strategies second-order second-order-forward --out benchmarks/results/forward-mode.md
 
-Records go to ``<out>.jsonl`` (one per workload and S; a rerun replaces them) and the table to ``<out>``.
+Records go to ``<out>.jsonl`` (one per run of a workload and S; a rerun adds one) and the table to ``<out>``.
 """
 
 from __future__ import annotations
@@ -115,43 +115,46 @@ def _table(records: list[dict]) -> str:
         "fresh process (`MALLOC_MMAP_THRESHOLD_=131072`, as in the planner's validation). Produced by "
         "`python -m metakit.bench.side_by_side`.",
         "",
-        "| workload | S | strategy | CPU s | × first | GFLOP | × first | peak MiB | × first |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| run | workload | S | strategy | CPU s | × first | GFLOP | × first | peak MiB | × first |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for record in records:
+    for run, record in enumerate(records, 1):
         for row in record["rows"]:
             peak, ratio = row.get("peak_mib"), row.get("memory_ratio")
             peak_cell = "–" if peak is None else f"{peak:,.0f}"
             ratio_cell = "–" if ratio is None else f"{ratio:.2f}"
             lines.append(
-                f"| {record['workload']} | {record['steps']} | {row['strategy']} | {row['cpu_s_median']:.2f} "
+                f"| {run} | {record['workload']} | {record['steps']} | {row['strategy']} | {row['cpu_s_median']:.2f} "
                 f"| {row['cpu_ratio']:.2f} | {row['gflop']:,.0f} | {row['flop_ratio']:.2f} "
                 f"| {peak_cell} | {ratio_cell} |"
             )
     lines += [
         "",
-        "| workload | S | rounds | CPU | load before → after | commit | time (UTC) |",
-        "|---|---|---|---|---|---|---|",
+        "| run | workload | S | rounds (per-round ratios to the first) | CPU | load before → after | commit "
+        "| time (UTC) |",
+        "|---|---|---|---|---|---|---|---|",
     ]
-    for record in records:
+    for run, record in enumerate(records, 1):
+        first = record["rows"][0]["cpu_s"]
+        spread = "; ".join(
+            f"{row['strategy']} "
+            + ", ".join(f"{c / b:.2f}" for c, b in zip(row["cpu_s"], first, strict=True))
+            for row in record["rows"][1:]
+        )
         before = "/".join(f"{x:.2f}" for x in record["load_average_before"])
         after = "/".join(f"{x:.2f}" for x in record["load_average_after"])
         lines.append(
-            f"| {record['workload']} | {record['steps']} | {record['repeats']} | {record['cpu']} "
+            f"| {run} | {record['workload']} | {record['steps']} | {record['repeats']}: {spread} | {record['cpu']} "
             f"| {before} → {after} | {record['commit']} | {record['time_utc']} |"
         )
     return "\n".join(lines) + "\n"
 
 
 def _records(path: Path) -> list[dict]:
+    """Every run in ``path``, in the order they ran (a rerun adds rows; it replaces none)."""
     if not path.exists():
         return []
-    kept: dict[tuple, dict] = {}
-    for line in path.read_text().splitlines():
-        if line.strip():
-            record = json.loads(line)
-            kept[(record["workload"], record["steps"])] = record
-    return list(kept.values())
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def main(argv: list[str] | None = None) -> int:
