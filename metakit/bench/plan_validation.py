@@ -82,7 +82,9 @@ def measure_one(workload: str, mode: str, steps: int, warm_up: bool = True) -> d
     candidates = [m for k in (None, *range(1, steps + 1)) for m in default_modes(steps, checkpoint=k)]
     matching = [m for m in candidates if m.label == mode]
     if not matching:
-        raise ValueError(f"unknown mode {mode!r} at S={steps}; known: {sorted({m.label for m in candidates})}")
+        raise ValueError(
+            f"unknown mode {mode!r} at S={steps}; known: {sorted({m.label for m in candidates})}"
+        )
     entry = matching[0]
     if warm_up:
         sine = BENCH["sine"].build(torch.device("cpu"))
